@@ -1,0 +1,167 @@
+"""The method contract: does it apply, what does it cost, build the replacement module.
+
+A method is a stateless object registered by name. Cost functions take ``LayerInfo`` and
+``LayerSpec`` (numbers), never modules, so they are cheap and exhaustively testable.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from autohybrid.exceptions import MethodError
+from autohybrid.inventory import LayerInfo
+from autohybrid.spec import LayerSpec
+
+__all__ = ["Method", "LowRankMethod", "rel_error", "METHODS", "register", "get_method"]
+
+METHODS: dict[str, Method] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method to the registry under ``cls.name``."""
+    METHODS[cls.name] = cls()
+    return cls
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MethodError(
+            f"unknown method {name!r}; valid methods: {', '.join(sorted(METHODS))}"
+        ) from None
+
+
+def rel_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """||W - W_hat|| / ||W|| (0 for an all-zero weight reproduced exactly)."""
+    norm = weight.double().norm()
+    diff = (weight.double() - approx.double()).norm()
+    return float(diff / norm) if norm > 0 else float(diff)
+
+
+class Method(ABC):
+    """Base class for a per-layer compression method."""
+
+    name: ClassVar[str]
+    lowrank: ClassVar[bool] = False
+
+    @abstractmethod
+    def applies_to(self, layer: LayerInfo) -> bool:
+        """Whether this method can compress ``layer`` at all."""
+
+    def check(self, layer: LayerInfo, spec: LayerSpec) -> None:
+        """Raise ``MethodError`` naming the problem if ``spec`` is invalid for ``layer``."""
+        if not self.applies_to(layer):
+            raise MethodError(
+                f"method {self.name!r} does not apply to {layer.kind} layer; "
+                f"applicable: {', '.join(layer.methods)}"
+            )
+
+    @abstractmethod
+    def params(self, layer: LayerInfo, spec: LayerSpec) -> int:
+        """Parameters stored (bias included; sparse parts by nonzeros)."""
+
+    @abstractmethod
+    def macs(self, layer: LayerInfo, spec: LayerSpec) -> int:
+        """Multiply-accumulates per sample (sparse parts by nonzeros)."""
+
+    def storage_bytes(self, layer: LayerInfo, spec: LayerSpec) -> int:
+        """Bytes on disk in fp32, sparse indices included."""
+        return 4 * self.params(layer, spec)
+
+    @abstractmethod
+    def skeleton(self, layer: LayerInfo, spec: LayerSpec) -> nn.Module:
+        """The replacement module with the right structure and unset values (for loading)."""
+
+    @abstractmethod
+    def compress(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerInfo, spec: LayerSpec
+    ) -> tuple[nn.Module, float]:
+        """Build the replacement module; return it with its relative reconstruction error."""
+
+
+class LowRankMethod(Method):
+    """A factorization W ~ f(factors). ``factors`` are the chain's weights, in order."""
+
+    lowrank = True
+
+    @abstractmethod
+    def max_rank(self, layer: LayerInfo) -> tuple[int, ...]:
+        """The largest meaningful rank(s); ratio 1.0 of every rank."""
+
+    @abstractmethod
+    def lowrank_params(self, layer: LayerInfo, rank: tuple[int, ...]) -> int:
+        """Parameters of the factors, bias excluded."""
+
+    @abstractmethod
+    def lowrank_macs(self, layer: LayerInfo, rank: tuple[int, ...]) -> int:
+        """MACs of the chain per sample."""
+
+    @abstractmethod
+    def chain(self, layer: LayerInfo, rank: tuple[int, ...], bias: bool) -> nn.Module:
+        """The factorized module with unset values."""
+
+    @abstractmethod
+    def decompose(
+        self, weight: torch.Tensor, layer: LayerInfo, rank: tuple[int, ...]
+    ) -> list[torch.Tensor]:
+        """Factors of ``weight`` at ``rank``, shaped as the chain's weights."""
+
+    @abstractmethod
+    def reconstruct(self, factors: list[torch.Tensor], layer: LayerInfo) -> torch.Tensor:
+        """The dense weight the factors represent."""
+
+    def rank_for_ratio(self, layer: LayerInfo, ratio: float) -> tuple[int, ...]:
+        return tuple(max(1, min(m, round(ratio * m))) for m in self.max_rank(layer))
+
+    def full_rank_for(self, layer: LayerInfo, rank: tuple[int, ...]) -> tuple[int, ...]:
+        """The full rank that ``rank`` is compared with (TT: for its number of cores)."""
+        return self.max_rank(layer)
+
+    def check(self, layer: LayerInfo, spec: LayerSpec) -> None:
+        super().check(layer, spec)
+        check_rank(self.name, self.full_rank_for(layer, spec.rank), spec.rank)
+
+    def params(self, layer: LayerInfo, spec: LayerSpec) -> int:
+        return self.lowrank_params(layer, spec.rank) + (layer.out_chs if layer.bias else 0)
+
+    def macs(self, layer: LayerInfo, spec: LayerSpec) -> int:
+        return self.lowrank_macs(layer, spec.rank)
+
+    def skeleton(self, layer: LayerInfo, spec: LayerSpec) -> nn.Module:
+        return self.chain(layer, spec.rank, layer.bias)
+
+    def compress(self, weight, bias, layer, spec):
+        factors = self.decompose(weight, layer, spec.rank)
+        module = self.chain(layer, spec.rank, bias is not None)
+        load_factors(module, factors, bias)
+        return module, rel_error(weight, self.reconstruct(factors, layer))
+
+
+def check_rank(name: str, full: tuple[int, ...], rank: tuple[int, ...]) -> None:
+    if len(rank) != len(full):
+        raise MethodError(
+            f"{name} needs {len(full)} rank value(s) for this layer, got {list(rank)}"
+        )
+    if any(r < 1 for r in rank):
+        raise MethodError(f"{name} rank {list(rank)} must be >= 1")
+    if any(r > m for r, m in zip(rank, full)):
+        raise MethodError(
+            f"{name} rank {list(rank)} exceeds the full rank {list(full)}; "
+            "use ranks <= the full rank"
+        )
+
+
+@torch.no_grad()
+def load_factors(module: nn.Module, factors: list[torch.Tensor], bias: torch.Tensor | None):
+    """Copy ``factors`` into the chain's non-bias parameters in order, ``bias`` into its bias."""
+    weights = [p for n, p in module.named_parameters() if not n.endswith("bias")]
+    for p, f in zip(weights, factors, strict=True):
+        p.copy_(f.reshape(p.shape).to(p.dtype))
+    if bias is not None:
+        biases = [p for n, p in module.named_parameters() if n.endswith("bias")]
+        biases[-1].copy_(bias)

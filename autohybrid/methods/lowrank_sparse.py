@@ -1,0 +1,94 @@
+"""``lowrank+sparse``: W ~ L + S (Hawkins et al. 2021), the two branches run in parallel.
+
+L comes from any registered low-rank method at its rank(s); S holds the largest-magnitude
+entries of the residual W - L. ``refine`` alternating steps re-fit L to W - S and S to W - L.
+The bias lives once, in the low-rank chain.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from autohybrid.exceptions import MethodError
+from autohybrid.layers import LowRankSparse, sparse_module
+from autohybrid.methods.base import (
+    METHODS,
+    LowRankMethod,
+    Method,
+    check_rank,
+    load_factors,
+    register,
+    rel_error,
+)
+from autohybrid.methods.sparse import (
+    check_sparsity,
+    index_bytes,
+    keep_count,
+    scatter,
+    sparse_part,
+)
+
+
+def lowrank_methods(layer) -> list[str]:
+    return [n for n, m in METHODS.items() if isinstance(m, LowRankMethod) and m.applies_to(layer)]
+
+
+@register
+class LowRankPlusSparse(Method):
+    name = "lowrank+sparse"
+
+    def applies_to(self, layer):
+        return bool(lowrank_methods(layer))
+
+    def factorization(self, layer, spec) -> LowRankMethod:
+        valid = lowrank_methods(layer)
+        if spec.factorization not in valid:
+            raise MethodError(
+                f"lowrank+sparse factorization {spec.factorization!r} does not apply to this "
+                f"{layer.kind} layer; use one of: {', '.join(valid)}"
+            )
+        return METHODS[spec.factorization]  # type: ignore[return-value]
+
+    def check(self, layer, spec):
+        super().check(layer, spec)
+        lr = self.factorization(layer, spec)
+        check_rank(lr.name, lr.full_rank_for(layer, spec.rank), spec.rank)
+        check_sparsity(layer, spec.sparsity, spec.pattern)
+        if spec.refine < 0:
+            raise MethodError(f"refine must be >= 0, got {spec.refine}")
+
+    def nnz(self, layer, spec) -> int:
+        return keep_count(layer, spec.sparsity, spec.pattern)
+
+    def params(self, layer, spec):
+        lr = self.factorization(layer, spec)
+        return lr.params(layer, spec) + self.nnz(layer, spec)
+
+    def macs(self, layer, spec):
+        lr = self.factorization(layer, spec)
+        return lr.macs(layer, spec) + self.nnz(layer, spec) * layer.positions
+
+    def storage_bytes(self, layer, spec):
+        return 4 * self.params(layer, spec) + index_bytes(layer.weight_numel, self.nnz(layer, spec))
+
+    def skeleton(self, layer, spec):
+        lr = self.factorization(layer, spec)
+        return LowRankSparse(
+            lr.chain(layer, spec.rank, layer.bias), sparse_module(layer, self.nnz(layer, spec), False)
+        )
+
+    def compress(self, weight, bias, layer, spec):
+        lr = self.factorization(layer, spec)
+        factors = lr.decompose(weight, layer, spec.rank)
+        low = lr.reconstruct(factors, layer)
+        idx, vals = sparse_part(weight - low, layer, spec.sparsity, spec.pattern)
+        for _ in range(spec.refine):
+            factors = lr.decompose(weight - scatter(weight.shape, idx, vals), layer, spec.rank)
+            low = lr.reconstruct(factors, layer)
+            idx, vals = sparse_part(weight - low, layer, spec.sparsity, spec.pattern)
+        chain = lr.chain(layer, spec.rank, bias is not None)
+        load_factors(chain, factors, bias)
+        sparse = sparse_module(layer, idx.numel(), False)
+        sparse.load_sparse(idx, vals)
+        approx = low + scatter(weight.shape, idx, vals)
+        return LowRankSparse(chain, sparse), rel_error(weight, approx)

@@ -1,0 +1,122 @@
+"""``sparse``: magnitude pruning, unstructured or N:M, stored as values + indices.
+
+Works on every conv and linear layer, depthwise and grouped included.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from autohybrid.exceptions import MethodError
+from autohybrid.inventory import LayerInfo
+from autohybrid.layers import sparse_module
+from autohybrid.methods.base import Method, register, rel_error
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``'2:4'`` -> (2, 4); ``'unstructured'`` -> None."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(v) for v in pattern.split(":"))
+    except ValueError:
+        raise MethodError(
+            f"unknown sparsity pattern {pattern!r}; use 'unstructured' or N:M such as '2:4'"
+        ) from None
+    if not 0 < n < m:
+        raise MethodError(f"sparsity pattern {pattern!r} needs 0 < N < M")
+    return n, m
+
+
+def keep_count(layer: LayerInfo, sparsity: float, pattern: str = "unstructured") -> int:
+    """Nonzeros kept out of the weight's entries at ``sparsity``."""
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        return layer.weight_numel // nm[1] * nm[0]
+    return int(round(layer.weight_numel * (1.0 - sparsity)))
+
+
+def index_bytes(numel: int, nnz: int) -> int:
+    """Bytes to store which entries are nonzero: a bitmask or int32 indices, the smaller."""
+    return min(math.ceil(numel / 8), 4 * nnz)
+
+
+def check_sparsity(layer: LayerInfo, sparsity: float, pattern: str) -> None:
+    if not 0.0 <= sparsity < 1.0:
+        raise MethodError(f"sparsity {sparsity} is outside [0, 1); use e.g. 0.5 for half zeros")
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        n, m = nm
+        row = layer.weight_numel // layer.out_chs
+        if row % m:
+            raise MethodError(
+                f"pattern {pattern} needs a row length divisible by {m}, this layer has {row}"
+            )
+        if abs(sparsity - (1 - n / m)) > 1e-6:
+            raise MethodError(f"pattern {pattern} means sparsity {1 - n / m:g}, got {sparsity:g}")
+
+
+def magnitude_topk(w: torch.Tensor, keep: int, pattern: str = "unstructured") -> torch.Tensor:
+    """Flat indices (sorted) of the ``keep`` largest-magnitude entries, or of the N:M winners."""
+    nm = parse_pattern(pattern)
+    a = w.detach().abs().reshape(-1)
+    if nm is None:
+        if keep <= 0:
+            return torch.zeros(0, dtype=torch.long)
+        if keep >= a.numel():
+            return torch.arange(a.numel())
+        idx = torch.topk(a, keep, sorted=False).indices
+        return idx.sort().values
+    n, m = nm
+    groups = a.view(-1, m)
+    local = torch.topk(groups, n, dim=1).indices
+    idx = (torch.arange(groups.shape[0]).unsqueeze(1) * m + local).reshape(-1)
+    return idx.sort().values
+
+
+def sparse_part(
+    w: torch.Tensor, layer: LayerInfo, sparsity: float, pattern: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, values) of the sparse approximation of ``w``."""
+    idx = magnitude_topk(w, keep_count(layer, sparsity, pattern), pattern)
+    return idx, w.reshape(-1)[idx]
+
+
+def scatter(shape, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return values.new_zeros(math.prod(shape)).scatter(0, idx, values).view(shape)
+
+
+@register
+class Sparse(Method):
+    name = "sparse"
+
+    def applies_to(self, layer):
+        return True
+
+    def check(self, layer, spec):
+        super().check(layer, spec)
+        check_sparsity(layer, spec.sparsity, spec.pattern)
+
+    def params(self, layer, spec):
+        return keep_count(layer, spec.sparsity, spec.pattern) + (layer.out_chs if layer.bias else 0)
+
+    def macs(self, layer, spec):
+        return keep_count(layer, spec.sparsity, spec.pattern) * layer.positions
+
+    def storage_bytes(self, layer, spec):
+        nnz = keep_count(layer, spec.sparsity, spec.pattern)
+        return 4 * self.params(layer, spec) + index_bytes(layer.weight_numel, nnz)
+
+    def skeleton(self, layer, spec):
+        return sparse_module(layer, keep_count(layer, spec.sparsity, spec.pattern), layer.bias)
+
+    def compress(self, weight, bias, layer, spec):
+        idx, values = sparse_part(weight, layer, spec.sparsity, spec.pattern)
+        module = sparse_module(layer, idx.numel(), bias is not None)
+        module.load_sparse(idx, values)
+        if bias is not None:
+            with torch.no_grad():
+                module.bias.copy_(bias)
+        return module, rel_error(weight, scatter(weight.shape, idx, values))
