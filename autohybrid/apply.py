@@ -17,10 +17,11 @@ __all__ = ["apply", "skeleton", "model_inventory"]
 
 def model_inventory(model: nn.Module, alloc: Allocation) -> Inventory:
     """The inventory of ``model`` at the allocation's input size, with its identity."""
+    own_name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     return inventory(
         model,
         input_size=alloc.input_size,
-        model_name=alloc.model.get("name"),
+        model_name=own_name or alloc.model.get("name"),
         model_kwargs=alloc.model.get("kwargs"),
     )
 

@@ -37,7 +37,7 @@ class LayerSpec:
         if self.rank:
             d["rank"] = list(self.rank)
         if self.method in ("sparse", "lowrank+sparse"):
-            d["sparsity"] = round(float(self.sparsity), 6)
+            d["sparsity"] = float(self.sparsity)
             d["pattern"] = self.pattern
         if self.refine:
             d["refine"] = self.refine
