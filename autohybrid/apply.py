@@ -48,7 +48,9 @@ def apply(
     small = copy.deepcopy(model)
     errors: dict[str, float] = {}
     todo = [(n, s) for n, s in alloc.layers.items() if s.method != "dense"]
-    for name, spec in tqdm(todo, desc="compress", disable=None if progress is None else not progress, leave=False):
+    for name, spec in tqdm(
+        todo, desc="compress", disable=None if progress is None else not progress, leave=False
+    ):
         layer = inv[name]
         old = small.get_submodule(name)
         bias = old.bias.detach() if old.bias is not None else None

@@ -6,6 +6,7 @@ smaller), so the file size tracks the budget.
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -62,6 +63,11 @@ def _unpack(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, tor
 def export(model: nn.Module, alloc: Allocation, out_dir: str | Path) -> Path:
     """Write ``model.safetensors`` and ``allocation.yaml`` into ``out_dir`` (atomically)."""
     out_dir = Path(out_dir)
+    alloc = copy.deepcopy(alloc)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    alloc.model["preprocessing"] = {
+        k: list(cfg[k]) for k in ("mean", "std", "input_size") if k in cfg
+    }
     tensors = _pack(model.state_dict(), model)
     with atomic_path(out_dir / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "autohybrid", "version": "1"})
@@ -76,7 +82,9 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     weights, alloc_file = path / WEIGHTS, path / ALLOCATION
     for f in (weights, alloc_file):
         if not f.is_file():
-            raise CheckpointError(f"{f} not found; point at a folder written by `autohybrid apply`")
+            raise CheckpointError(
+                f"{f} not found; point at a folder written by `autohybrid apply`"
+            )
     alloc = Allocation.load(alloc_file)
     if model is None:
         from autohybrid.models import create_model
@@ -85,6 +93,10 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         model = create_model(
             ident.get("name"), num_classes=ident.get("num_classes"), **(ident.get("kwargs") or {})
         )
+        pre = ident.get("preprocessing") or {}
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        cfg.update({k: tuple(v) for k, v in pre.items()})
+        model.pretrained_cfg = model.default_cfg = cfg
     model = skeleton(model, alloc)
     try:
         tensors = load_file(str(weights))
@@ -107,7 +119,12 @@ def export_onnx(model: nn.Module, path: str | Path, input_size, batch: int = 1) 
     x = torch.zeros(batch, *input_size)
     with atomic_path(path) as tmp:
         torch.onnx.export(
-            model, (x,), str(tmp), input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+            model,
+            (x,),
+            str(tmp),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
         )
     return Path(path)

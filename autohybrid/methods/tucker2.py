@@ -38,7 +38,12 @@ class Tucker2(LowRankMethod):
         return nn.Sequential(
             nn.Conv2d(layer.in_chs, r1, 1, bias=False),
             nn.Conv2d(
-                r1, r2, layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                r1,
+                r2,
+                layer.kernel_size,
+                layer.stride,
+                layer.padding,
+                layer.dilation,
                 bias=False,
             ),
             nn.Conv2d(r2, layer.out_chs, 1, bias=bias),
@@ -51,7 +56,7 @@ class Tucker2(LowRankMethod):
             core, u_out, u_in = w, torch.eye(r2).numpy(), torch.eye(r1).numpy()
         else:
             (core, (u_out, u_in)), _ = partial_tucker(
-                w, rank=[r2, r1], modes=[0, 1], init="svd", n_iter_max=20
+                w, rank=[r2, r1], modes=[0, 1], init="svd", n_iter_max=5
             )
         dt = weight.dtype
         return [

@@ -1,0 +1,1 @@
+"""The ``autohybrid`` command: one module per subcommand, no logic beyond parse-and-call."""
