@@ -16,7 +16,21 @@ from autohybrid.spec import LayerSpec
 __version__ = "0.1.0"
 
 __all__ = [
-    "Allocation", "AutohybridError", "Inventory", "LayerInfo", "LayerSpec", "METHODS",
-    "allocation_cost", "apply", "cost", "export", "export_onnx", "get_method", "inventory",
-    "layer_cost", "load", "register", "skeleton",
+    "Allocation",
+    "AutohybridError",
+    "Inventory",
+    "LayerInfo",
+    "LayerSpec",
+    "METHODS",
+    "allocation_cost",
+    "apply",
+    "cost",
+    "export",
+    "export_onnx",
+    "get_method",
+    "inventory",
+    "layer_cost",
+    "load",
+    "register",
+    "skeleton",
 ]

@@ -94,7 +94,9 @@ class Allocation:
     @classmethod
     def from_dict(cls, d, source: str = "allocation") -> Allocation:
         if not isinstance(d, dict):
-            raise AllocationError(f"{source}: expected a mapping at the top, got {type(d).__name__}")
+            raise AllocationError(
+                f"{source}: expected a mapping at the top, got {type(d).__name__}"
+            )
         unknown = set(d) - _TOP_KEYS
         if unknown:
             raise AllocationError(
@@ -149,7 +151,9 @@ class Allocation:
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)
             at = f" at line {where.line + 1}" if where else ""
-            raise AllocationError(f"{path}: malformed YAML{at}; fix the file or re-export it") from None
+            raise AllocationError(
+                f"{path}: malformed YAML{at}; fix the file or re-export it"
+            ) from None
         alloc = cls.from_dict(data, source=str(path))
         if inventory is not None:
             alloc.validate(inventory)

@@ -235,8 +235,13 @@ def inventory(
                 positions *= s
             layers.append(
                 LayerInfo(
-                    name=name, kind="linear", in_chs=m.in_features, out_chs=m.out_features,
-                    bias=m.bias is not None, positions=positions, excluded=excluded,
+                    name=name,
+                    kind="linear",
+                    in_chs=m.in_features,
+                    out_chs=m.out_features,
+                    bias=m.bias is not None,
+                    positions=positions,
+                    excluded=excluded,
                     supported=type(m) is nn.Linear,
                 )
             )
@@ -244,12 +249,20 @@ def inventory(
             static = isinstance(m.padding, tuple) and m.padding_mode == "zeros"
             layers.append(
                 LayerInfo(
-                    name=name, kind=_conv_kind(m), in_chs=m.in_channels, out_chs=m.out_channels,
-                    kernel_size=_pair(m.kernel_size), stride=_pair(m.stride),
+                    name=name,
+                    kind=_conv_kind(m),
+                    in_chs=m.in_channels,
+                    out_chs=m.out_channels,
+                    kernel_size=_pair(m.kernel_size),
+                    stride=_pair(m.stride),
                     padding=_pair(m.padding) if static else (0, 0),
-                    dilation=_pair(m.dilation), groups=m.groups, bias=m.bias is not None,
-                    in_hw=tuple(in_shape[2:4]), out_hw=tuple(out_shape[2:4]),
-                    positions=out_shape[2] * out_shape[3], excluded=excluded,
+                    dilation=_pair(m.dilation),
+                    groups=m.groups,
+                    bias=m.bias is not None,
+                    in_hw=tuple(in_shape[2:4]),
+                    out_hw=tuple(out_shape[2:4]),
+                    positions=out_shape[2] * out_shape[3],
+                    excluded=excluded,
                     supported=type(m) is nn.Conv2d and static,
                 )
             )

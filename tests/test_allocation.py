@@ -18,8 +18,14 @@ def test_inventory_lists_every_layer_and_excludes_stem_and_head(inv):
     assert names == ["stem", "conv", "pw", "dw", "grouped", "conv5", "tok", "head"]
     kinds = {la.name: la.kind for la in inv}
     assert kinds == {
-        "stem": "conv", "conv": "conv", "pw": "pointwise", "dw": "depthwise",
-        "grouped": "grouped", "conv5": "conv", "tok": "linear", "head": "linear",
+        "stem": "conv",
+        "conv": "conv",
+        "pw": "pointwise",
+        "dw": "depthwise",
+        "grouped": "grouped",
+        "conv5": "conv",
+        "tok": "linear",
+        "head": "linear",
     }
     assert [la.name for la in inv if la.excluded] == ["stem", "head"]
     assert inv["tok"].positions == 18 and inv["conv5"].out_hw == (3, 6)
@@ -47,7 +53,9 @@ def test_uniform_lands_just_under_budget(inv, method, metric):
 
 
 def test_uniform_unreachable_budget_names_smallest_fraction(inv):
-    with pytest.raises(BudgetError, match=r"smallest reachable fraction with this method is 0\.\d+"):
+    with pytest.raises(
+        BudgetError, match=r"smallest reachable fraction with this method is 0\.\d+"
+    ):
         ah.Allocation.uniform(inv, method="lowrank", budget=0.05)
 
 
@@ -83,21 +91,38 @@ def _write(tmp_path, inv, mutate):
 @pytest.mark.parametrize(
     "mutate,msg",
     [
-        (lambda d: d.update(fingerprint="0123456789abcdef"), "create the allocation for this model"),
-        (lambda d: d["layers"].update({"blocks.9.fc": {"method": "sparse", "sparsity": 0.5}}),
-         "layer 'blocks.9.fc' is not in the model"),
-        (lambda d: d["layers"].update({"convv": {"method": "sparse", "sparsity": 0.5}}),
-         "did you mean conv"),
-        (lambda d: d["layers"].update({"conv": {"method": "tucker2", "rank": [100, 4]}}),
-         "layer 'conv': tucker2 rank [100, 4] exceeds the full rank [8, 12]"),
-        (lambda d: d["layers"].update({"dw": {"method": "svd", "rank": [2]}}),
-         "layer 'dw': method 'svd' does not apply to depthwise"),
-        (lambda d: d["layers"].update({"pw": {"method": "sparse", "sparsity": 1.2}}),
-         "layer 'pw': sparsity 1.2 is outside [0, 1)"),
-        (lambda d: d["layers"].update({"pw": {"method": "sparse", "sparsity": "lots"}}),
-         "sparsity must be a number"),
-        (lambda d: d["layers"].update({"pw": {"method": "sparse", "ratio": 0.5}}),
-         "unknown key(s) ['ratio']"),
+        (
+            lambda d: d.update(fingerprint="0123456789abcdef"),
+            "create the allocation for this model",
+        ),
+        (
+            lambda d: d["layers"].update({"blocks.9.fc": {"method": "sparse", "sparsity": 0.5}}),
+            "layer 'blocks.9.fc' is not in the model",
+        ),
+        (
+            lambda d: d["layers"].update({"convv": {"method": "sparse", "sparsity": 0.5}}),
+            "did you mean conv",
+        ),
+        (
+            lambda d: d["layers"].update({"conv": {"method": "tucker2", "rank": [100, 4]}}),
+            "layer 'conv': tucker2 rank [100, 4] exceeds the full rank [8, 12]",
+        ),
+        (
+            lambda d: d["layers"].update({"dw": {"method": "svd", "rank": [2]}}),
+            "layer 'dw': method 'svd' does not apply to depthwise",
+        ),
+        (
+            lambda d: d["layers"].update({"pw": {"method": "sparse", "sparsity": 1.2}}),
+            "layer 'pw': sparsity 1.2 is outside [0, 1)",
+        ),
+        (
+            lambda d: d["layers"].update({"pw": {"method": "sparse", "sparsity": "lots"}}),
+            "sparsity must be a number",
+        ),
+        (
+            lambda d: d["layers"].update({"pw": {"method": "sparse", "ratio": 0.5}}),
+            "unknown key(s) ['ratio']",
+        ),
         (lambda d: d["layers"].update({"pw": {"method": "magic"}}), "unknown method 'magic'"),
         (lambda d: d.update(version=7), "allocation version 7 is not supported"),
         (lambda d: d.update(colour="red"), "unknown key(s) ['colour']"),

@@ -1,4 +1,4 @@
-"""Acceptance of the engine on real timm architectures: exactness, budget, cost, save/load, ONNX."""
+"""Engine acceptance on real timm models: exactness, budget, cost, save/load, ONNX."""
 
 from __future__ import annotations
 
@@ -35,15 +35,19 @@ def full_allocation(inv):
     """Every compressible layer at full rank / zero sparsity, cycling through the methods."""
     layers = {}
     for i, layer in enumerate(inv.compressible):
-        lowrank = [n for n, m in METHODS.items() if isinstance(m, LowRankMethod)
-                   and m.applies_to(layer) and n != "cp"]
+        lowrank = [
+            n
+            for n, m in METHODS.items()
+            if isinstance(m, LowRankMethod) and m.applies_to(layer) and n != "cp"
+        ]
         if lowrank and i % 3 == 0:
             f = lowrank[i % len(lowrank)]
             layers[layer.name] = ah.LayerSpec(f, rank=METHODS[f].max_rank(layer))
         elif lowrank and i % 3 == 1:
             f = lowrank[0]
-            layers[layer.name] = ah.LayerSpec(HYBRID, factorization=f, rank=(1,) * len(
-                METHODS[f].max_rank(layer)), sparsity=0.0)
+            layers[layer.name] = ah.LayerSpec(
+                HYBRID, factorization=f, rank=(1,) * len(METHODS[f].max_rank(layer)), sparsity=0.0
+            )
         else:
             layers[layer.name] = ah.LayerSpec("sparse", sparsity=0.0)
     return ah.Allocation.for_inventory(inv, layers)
@@ -99,13 +103,16 @@ def test_export_load_reproduces_outputs(compressed, name):
     # the file tracks the budget: within the counted storage plus buffers and header
     size_bytes = (d / "model.safetensors").stat().st_size
     counted = alloc.cost(inv).storage_bytes
-    buffers = sum(b.numel() * b.element_size() for n, b in small.named_buffers()
-                  if not n.endswith("indices"))
+    buffers = sum(
+        b.numel() * b.element_size() for n, b in small.named_buffers() if not n.endswith("indices")
+    )
     assert size_bytes <= counted + buffers + 64 * 1024
     assert size_bytes < 0.45 * 4 * inv.total_params + buffers + 64 * 1024
 
 
-@pytest.mark.parametrize("name", ["mobilenetv3_small_100", "vit_tiny_patch16_224", "cifar_resnet20"])
+@pytest.mark.parametrize(
+    "name", ["mobilenetv3_small_100", "vit_tiny_patch16_224", "cifar_resnet20"]
+)
 def test_onnx_parity(compressed, name, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     model, size, inv, alloc, small, d = compressed[name]

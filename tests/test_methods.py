@@ -7,7 +7,7 @@ import torch
 
 import autohybrid as ah
 from autohybrid.exceptions import MethodError
-from autohybrid.methods import METHODS, HYBRID, LowRankMethod
+from autohybrid.methods import HYBRID, METHODS, LowRankMethod
 from autohybrid.methods.sparse import keep_count
 from tests.conftest import TINY_INPUT, TinyNet
 
@@ -30,7 +30,9 @@ def full_spec(method, layer):
         return None  # CP has no exact finite rank in general; covered through L+S below
     if method == HYBRID:
         f = [n for n, x in METHODS.items() if isinstance(x, LowRankMethod) and x.applies_to(layer)]
-        return ah.LayerSpec(HYBRID, factorization=f[0], rank=(1,) * len(METHODS[f[0]].max_rank(layer)))
+        return ah.LayerSpec(
+            HYBRID, factorization=f[0], rank=(1,) * len(METHODS[f[0]].max_rank(layer))
+        )
     if isinstance(m, LowRankMethod):
         return ah.LayerSpec(method, rank=m.max_rank(layer))
     return ah.LayerSpec(method)
@@ -50,8 +52,13 @@ def small_specs(method, layer):
         for f, lr in METHODS.items():
             if isinstance(lr, LowRankMethod) and lr.applies_to(layer):
                 out.append(
-                    ah.LayerSpec(HYBRID, factorization=f, rank=lr.rank_for_ratio(layer, 0.3),
-                                 sparsity=0.9, refine=1)
+                    ah.LayerSpec(
+                        HYBRID,
+                        factorization=f,
+                        rank=lr.rank_for_ratio(layer, 0.3),
+                        sparsity=0.9,
+                        refine=1,
+                    )
                 )
         return out
     return [ah.LayerSpec(method, rank=m.rank_for_ratio(layer, 0.4))]

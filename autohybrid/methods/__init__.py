@@ -11,8 +11,16 @@ from autohybrid.methods.base import (
 )
 
 __all__ = [
-    "METHODS", "Method", "LowRankMethod", "get_method", "register", "rel_error",
-    "applicable_methods", "default_factorization", "LOWRANK", "HYBRID",
+    "METHODS",
+    "Method",
+    "LowRankMethod",
+    "get_method",
+    "register",
+    "rel_error",
+    "applicable_methods",
+    "default_factorization",
+    "LOWRANK",
+    "HYBRID",
 ]
 
 HYBRID = "lowrank+sparse"

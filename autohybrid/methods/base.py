@@ -79,9 +79,18 @@ class Method(ABC):
 
     @abstractmethod
     def compress(
-        self, weight: torch.Tensor, bias: torch.Tensor | None, layer: LayerInfo, spec: LayerSpec
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        layer: LayerInfo,
+        spec: LayerSpec,
+        cache: dict | None = None,
     ) -> tuple[nn.Module, float]:
-        """Build the replacement module; return it with its relative reconstruction error."""
+        """Build the replacement module; return it with its relative reconstruction error.
+
+        ``cache`` (one dict per weight) lets a method reuse work across specs of one layer,
+        e.g. one SVD for every rank.
+        """
 
 
 class LowRankMethod(Method):
@@ -107,9 +116,14 @@ class LowRankMethod(Method):
 
     @abstractmethod
     def decompose(
-        self, weight: torch.Tensor, layer: LayerInfo, rank: tuple[int, ...]
+        self,
+        weight: torch.Tensor,
+        layer: LayerInfo,
+        rank: tuple[int, ...],
+        cache: dict | None = None,
     ) -> list[torch.Tensor]:
-        """Factors of ``weight`` at ``rank``, shaped as the chain's weights."""
+        """Factors of ``weight`` at ``rank``, shaped as the chain's weights. ``cache`` holds
+        rank-independent work for this same ``weight``."""
 
     @abstractmethod
     def reconstruct(self, factors: list[torch.Tensor], layer: LayerInfo) -> torch.Tensor:
@@ -135,8 +149,8 @@ class LowRankMethod(Method):
     def skeleton(self, layer: LayerInfo, spec: LayerSpec) -> nn.Module:
         return self.chain(layer, spec.rank, layer.bias)
 
-    def compress(self, weight, bias, layer, spec):
-        factors = self.decompose(weight, layer, spec.rank)
+    def compress(self, weight, bias, layer, spec, cache=None):
+        factors = self.decompose(weight, layer, spec.rank, cache)
         module = self.chain(layer, spec.rank, bias is not None)
         load_factors(module, factors, bias)
         return module, rel_error(weight, self.reconstruct(factors, layer))

@@ -46,7 +46,7 @@ class CP(LowRankMethod):
             nn.Conv2d(r, layer.out_chs, 1, bias=bias),
         )
 
-    def decompose(self, weight, layer, rank):
+    def decompose(self, weight, layer, rank, cache=None):
         w = weight.detach().double().numpy()
         with warnings.catch_warnings():  # svd init pads ranks above a mode size: expected
             warnings.simplefilter("ignore", UserWarning)

@@ -13,8 +13,14 @@ from autohybrid.methods.base import Method, register
 def dense_module(layer, weight: torch.Tensor | None = None, bias=None) -> nn.Module:
     if layer.is_conv:
         m = nn.Conv2d(
-            layer.in_chs, layer.out_chs, layer.kernel_size, layer.stride, layer.padding,
-            layer.dilation, layer.groups, bias=layer.bias,
+            layer.in_chs,
+            layer.out_chs,
+            layer.kernel_size,
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            bias=layer.bias,
         )
     else:
         m = nn.Linear(layer.in_chs, layer.out_chs, bias=layer.bias)
@@ -42,5 +48,5 @@ class Dense(Method):
     def skeleton(self, layer, spec):
         return dense_module(layer)
 
-    def compress(self, weight, bias, layer, spec):
+    def compress(self, weight, bias, layer, spec, cache=None):
         return dense_module(layer, copy.deepcopy(weight), bias), 0.0

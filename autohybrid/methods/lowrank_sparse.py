@@ -7,8 +7,6 @@ The bias lives once, in the low-rank chain.
 
 from __future__ import annotations
 
-import torch
-
 from autohybrid.exceptions import MethodError
 from autohybrid.layers import LowRankSparse, sparse_module
 from autohybrid.methods.base import (
@@ -69,17 +67,20 @@ class LowRankPlusSparse(Method):
         return lr.macs(layer, spec) + self.nnz(layer, spec) * layer.positions
 
     def storage_bytes(self, layer, spec):
-        return 4 * self.params(layer, spec) + index_bytes(layer.weight_numel, self.nnz(layer, spec))
+        return 4 * self.params(layer, spec) + index_bytes(
+            layer.weight_numel, self.nnz(layer, spec)
+        )
 
     def skeleton(self, layer, spec):
         lr = self.factorization(layer, spec)
         return LowRankSparse(
-            lr.chain(layer, spec.rank, layer.bias), sparse_module(layer, self.nnz(layer, spec), False)
+            lr.chain(layer, spec.rank, layer.bias),
+            sparse_module(layer, self.nnz(layer, spec), False),
         )
 
-    def compress(self, weight, bias, layer, spec):
+    def compress(self, weight, bias, layer, spec, cache=None):
         lr = self.factorization(layer, spec)
-        factors = lr.decompose(weight, layer, spec.rank)
+        factors = lr.decompose(weight, layer, spec.rank, cache)
         low = lr.reconstruct(factors, layer)
         idx, vals = sparse_part(weight - low, layer, spec.sparsity, spec.pattern)
         for _ in range(spec.refine):

@@ -100,7 +100,9 @@ class Sparse(Method):
         check_sparsity(layer, spec.sparsity, spec.pattern)
 
     def params(self, layer, spec):
-        return keep_count(layer, spec.sparsity, spec.pattern) + (layer.out_chs if layer.bias else 0)
+        return keep_count(layer, spec.sparsity, spec.pattern) + (
+            layer.out_chs if layer.bias else 0
+        )
 
     def macs(self, layer, spec):
         return keep_count(layer, spec.sparsity, spec.pattern) * layer.positions
@@ -112,7 +114,7 @@ class Sparse(Method):
     def skeleton(self, layer, spec):
         return sparse_module(layer, keep_count(layer, spec.sparsity, spec.pattern), layer.bias)
 
-    def compress(self, weight, bias, layer, spec):
+    def compress(self, weight, bias, layer, spec, cache=None):
         idx, values = sparse_part(weight, layer, spec.sparsity, spec.pattern)
         module = sparse_module(layer, idx.numel(), bias is not None)
         module.load_sparse(idx, values)

@@ -9,9 +9,15 @@ from autohybrid.inventory import LayerInfo
 from autohybrid.methods.base import LowRankMethod, register
 
 
-def svd_factors(matrix: torch.Tensor, r: int) -> list[torch.Tensor]:
-    """[first (r, in), second (out, r)] with the singular values split evenly between them."""
-    u, s, vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+def svd_factors(matrix: torch.Tensor, r: int, cache: dict | None = None) -> list[torch.Tensor]:
+    """[first (r, in), second (out, r)] with the singular values split evenly between them.
+
+    The full SVD is kept in ``cache`` so every rank of the same matrix reuses it.
+    """
+    cache = {} if cache is None else cache
+    if "svd" not in cache:
+        cache["svd"] = torch.linalg.svd(matrix.double(), full_matrices=False)
+    u, s, vh = cache["svd"]
     root = s[:r].sqrt()
     first = root[:, None] * vh[:r]
     second = u[:, :r] * root[None, :]
@@ -45,8 +51,8 @@ class SVD(LowRankMethod):
             nn.Conv2d(r, layer.out_chs, 1, bias=bias),
         )
 
-    def decompose(self, weight, layer, rank):
-        return svd_factors(weight.reshape(layer.out_chs, layer.in_chs), rank[0])
+    def decompose(self, weight, layer, rank, cache=None):
+        return svd_factors(weight.reshape(layer.out_chs, layer.in_chs), rank[0], cache)
 
     def reconstruct(self, factors, layer):
         first, second = (f.reshape(f.shape[0], -1) for f in factors)

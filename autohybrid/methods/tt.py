@@ -101,7 +101,7 @@ class TT(LowRankMethod):
         fi, fo = tt_shape(layer, len(rank) + 1)
         return TTLinear(fi, fo, rank, bias)
 
-    def decompose(self, weight, layer, rank):
+    def decompose(self, weight, layer, rank, cache=None):
         d = len(rank) + 1
         fi, fo = tt_shape(layer, d)
         w = weight.detach().double().numpy().reshape(*fo, *fi)

@@ -1,0 +1,201 @@
+"""Search spaces: which layers are compressible and which candidates each layer may take.
+
+Declared per model family in ``search_spaces/*.yaml``, picked from the model name, or given
+with ``--search-space FILE``. A dataclass that round-trips to YAML and rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from autohybrid.exceptions import ConfigError, MethodError
+from autohybrid.inventory import KINDS, Inventory, LayerInfo
+from autohybrid.methods import HYBRID, METHODS, LowRankMethod
+from autohybrid.spec import LayerSpec
+
+__all__ = ["SearchSpace", "load_search_space", "SEARCH_SPACE_DIR", "round_rank"]
+
+SEARCH_SPACE_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+
+
+def round_rank(rank: int, multiple: int, full: int) -> int:
+    """Round ``rank`` to a multiple (hardware-friendly), within [1, full]."""
+    if multiple <= 1:
+        return max(1, min(full, rank))
+    r = max(multiple, int(round(rank / multiple)) * multiple)
+    return min(full, r)
+
+
+@dataclass
+class SearchSpace:
+    """Candidates per layer kind, grids of rank ratios and sparsities.
+
+    ``methods`` maps a layer kind (conv, pointwise, depthwise, grouped, linear) to the
+    candidate methods; a low-rank method's rank grid is ``rank_ratios``; ``sparse`` uses
+    ``sparsities``; ``lowrank+sparse`` uses every pair of ``hybrid_rank_ratios`` x
+    ``hybrid_sparsities`` with the kind's factorization from ``factorizations``.
+    """
+
+    name: str = "default"
+    match: list[str] = field(default_factory=list)
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    exclude_stem_and_head: bool = True
+    methods: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "conv": ["sparse", "tucker2", HYBRID],
+            "pointwise": ["sparse", "svd", HYBRID],
+            "depthwise": ["sparse"],
+            "grouped": ["sparse"],
+            "linear": ["sparse", "svd", HYBRID],
+        }
+    )
+    factorizations: dict[str, str] = field(
+        default_factory=lambda: {"conv": "tucker2", "pointwise": "svd", "linear": "svd"}
+    )
+    rank_ratios: list[float] = field(default_factory=lambda: [0.5, 0.35, 0.25, 0.15])
+    sparsities: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.85, 0.95])
+    hybrid_rank_ratios: list[float] = field(default_factory=lambda: [0.25, 0.1])
+    hybrid_sparsities: list[float] = field(default_factory=lambda: [0.9, 0.97])
+    nm_patterns: list[str] = field(default_factory=list)
+    rank_multiple: int = 1
+    refine: int = 1
+
+    # -- YAML -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "search space") -> SearchSpace:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        space = cls(**d)
+        space.validate(source)
+        return space
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        from autohybrid.io import atomic_write_text
+
+        return atomic_write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @property
+    def digest(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def validate(self, source: str = "search space") -> None:
+        for kind, methods in self.methods.items():
+            if kind not in KINDS:
+                raise ConfigError(f"{source}: unknown layer kind {kind!r}; use {list(KINDS)}")
+            for m in methods:
+                if m not in METHODS:
+                    raise ConfigError(
+                        f"{source}: unknown method {m!r} for {kind}; valid: {sorted(METHODS)}"
+                    )
+        for kind, f in self.factorizations.items():
+            if not isinstance(METHODS.get(f), LowRankMethod):
+                raise ConfigError(f"{source}: factorization {f!r} for {kind} is not low-rank")
+        for key in ("rank_ratios", "hybrid_rank_ratios"):
+            for r in getattr(self, key):
+                if not isinstance(r, (int, float)) or not 0 < r <= 1:
+                    raise ConfigError(f"{source}: {key} value {r!r} must be in (0, 1]")
+        for key in ("sparsities", "hybrid_sparsities"):
+            for s in getattr(self, key):
+                if not isinstance(s, (int, float)) or not 0 <= s < 1:
+                    raise ConfigError(f"{source}: {key} value {s!r} must be in [0, 1)")
+        if not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
+            raise ConfigError(f"{source}: rank_multiple must be an integer >= 1")
+
+    # -- layers and candidates --------------------------------------------------------------
+    def compressible(self, inv: Inventory) -> list[LayerInfo]:
+        """The layers this space searches over, in model order."""
+        out = []
+        for layer in inv:
+            if not layer.supported or (self.exclude_stem_and_head and layer.excluded):
+                continue
+            if not any(fnmatch.fnmatchcase(layer.name, p) for p in self.include):
+                continue
+            if any(fnmatch.fnmatchcase(layer.name, p) for p in self.exclude):
+                continue
+            if self.candidates(layer):
+                out.append(layer)
+        return out
+
+    def _rank(self, method: LowRankMethod, layer: LayerInfo, ratio: float) -> tuple[int, ...]:
+        full = method.max_rank(layer)
+        return tuple(round_rank(round(ratio * m), self.rank_multiple, m) for m in full)
+
+    def candidates(self, layer: LayerInfo) -> list[LayerSpec]:
+        """Every candidate spec for ``layer`` (dense excluded), duplicates removed."""
+        out: list[LayerSpec] = []
+        for name in self.methods.get(layer.kind, []):
+            m = METHODS[name]
+            if not m.applies_to(layer):
+                continue
+            if name == "sparse":
+                out += [LayerSpec("sparse", sparsity=s) for s in self.sparsities]
+                for pat in self.nm_patterns:
+                    n, mm = (int(v) for v in pat.split(":"))
+                    out.append(LayerSpec("sparse", sparsity=1 - n / mm, pattern=pat))
+            elif isinstance(m, LowRankMethod):
+                out += [LayerSpec(name, rank=self._rank(m, layer, r)) for r in self.rank_ratios]
+            elif name == HYBRID:
+                f = self.factorizations.get(layer.kind)
+                if f is None or not METHODS[f].applies_to(layer):
+                    continue
+                lr = METHODS[f]
+                out += [
+                    LayerSpec(HYBRID, factorization=f, rank=self._rank(lr, layer, r),
+                              sparsity=s, refine=self.refine)
+                    for r in self.hybrid_rank_ratios
+                    for s in self.hybrid_sparsities
+                ]
+        valid, seen = [], set()
+        for spec in out:
+            if spec in seen:
+                continue
+            seen.add(spec)
+            try:
+                METHODS[spec.method].check(layer, spec)
+            except MethodError:
+                continue
+            valid.append(spec)
+        return valid
+
+
+def builtin_spaces() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(SEARCH_SPACE_DIR.glob("*.yaml"))}
+
+
+def read_search_space(path: str | Path) -> SearchSpace:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search space file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}: malformed YAML; fix the file") from None
+    return SearchSpace.from_dict(data, source=str(path))
+
+
+def load_search_space(model_name: str | None = None, path: str | Path | None = None) -> SearchSpace:
+    """The space in ``path``, else the built-in one whose ``match`` fits ``model_name``,
+    else ``default``."""
+    if path is not None:
+        return read_search_space(path)
+    spaces = {name: read_search_space(p) for name, p in builtin_spaces().items()}
+    for name, space in spaces.items():
+        if name != "default" and any(fnmatch.fnmatchcase(model_name or "", m) for m in space.match):
+            return space
+    return spaces.get("default", SearchSpace())
