@@ -201,6 +201,17 @@ def load_data(
     raise DataError(f"unknown data spec {spec!r}; use one of {SPEC_FORMS}")
 
 
+def as_tensors(dataset: Dataset, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole (preprocessed) dataset as one image tensor and one label tensor."""
+    xs, ys = [], []
+    for x, y in loader(dataset, batch_size):
+        xs.append(x)
+        ys.append(torch.as_tensor(y))
+    if not xs:
+        raise DataError("no samples to stack; the dataset is empty")
+    return torch.cat(xs), torch.cat(ys).long()
+
+
 def calibration_subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:
     """A reproducible sample of ``n`` items of ``dataset`` (pass the TRAIN split).
 

@@ -36,6 +36,7 @@ from autohybrid.spec import LayerSpec
 __all__ = ["SensitivityTable", "sensitivity", "Scores", "model_digest", "SIGNALS"]
 
 SIGNALS = ("kl", "dloss", "dtop1", "disagreement")
+RECAL_KL_LIMIT = 0.01
 TABLE, META = "sensitivity.csv", "sensitivity.json"
 
 
@@ -201,6 +202,29 @@ def spec_from_row(row) -> LayerSpec:
     )
 
 
+@torch.no_grad()
+def dense_recal_shift(model: nn.Module, images, recal_images: int, batch_size: int) -> dict:
+    """How far BatchNorm recalibration alone moves the dense model (KL, agreement, top-1)."""
+    import copy
+
+    from autohybrid.evaluate import recalibrate_bn
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return {"kl": 0.0, "agreement": 100.0, "batchnorms": 0}
+    recal = copy.deepcopy(model)
+    x_r = images[:recal_images]
+    recalibrate_bn(recal, torch.utils.data.TensorDataset(x_r, torch.zeros(len(x_r))),
+                   batches=None, batch_size=batch_size, progress=False)
+    scores = Scores()
+    for i in range(0, len(images), batch_size):
+        xb = images[i : i + batch_size]
+        ref = model(xb)
+        scores.add(recal.eval()(xb), ref.argmax(1), ref)
+    d = scores.as_dict()
+    return {"kl": d["kl"], "agreement": d["agreement"], "batchnorms": len(bns)}
+
+
 def _row(layer: LayerInfo, spec: LayerSpec, err: float, scores: dict, dense: dict) -> dict:
     c = layer_cost(layer, spec)
     return {
@@ -239,7 +263,7 @@ def sensitivity(
     out_dir: str | Path | None = None,
     key_extra: dict | None = None,
     batch_size: int = 256,
-    bn_recal: bool = True,
+    bn_recal: bool | str = "auto",
     recal_images: int = 256,
     naive: bool = False,
     layers: list[str] | None = None,
@@ -254,11 +278,18 @@ def sensitivity(
             is, a partial one is continued.
         key_extra: what else identifies the run (data spec, subset size, seed).
         bn_recal: re-estimate downstream BatchNorm statistics on ``recal_images`` calibration
-            images for each candidate before scoring it.
+            images for each candidate before scoring it. ``"auto"`` first recalibrates the
+            dense model alone and turns recalibration off when that by itself moves the
+            outputs (KL > ``RECAL_KL_LIMIT``): checkpoints whose statistics came from augmented
+            training data lose accuracy when re-estimated on clean images.
         naive: full forward per candidate (the reference the fast path is checked against).
         layers: restrict to these layer names (default: the space's compressible layers).
     """
     model = model.eval()
+    recal_check = None
+    if bn_recal == "auto":
+        recal_check = dense_recal_shift(model, images, recal_images, batch_size)
+        bn_recal = recal_check["kl"] <= RECAL_KL_LIMIT
     todo = [la for la in space.compressible(inv) if layers is None or la.name in layers]
     key_doc = {
         "fingerprint": inv.fingerprint,
@@ -330,6 +361,7 @@ def sensitivity(
     meta = {
         "key": key, **key_doc, "dense": dense, "model": inv.model_name,
         "seconds": round(time.time() - t0, 2), "method": "naive" if naive else "cached-cone",
+        "bn_recal_check": recal_check,
     }
     table = SensitivityTable(pd.DataFrame(rows), meta)
     if out:

@@ -45,3 +45,28 @@ def load_model(args: argparse.Namespace):
     ).eval()
     size = tuple(args.input_size) if args.input_size else model_input_size(model)
     return model, size
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="digits", help="digits | cifar10:DIR | imagefolder:DIR")
+    g.add_argument("--calib", type=int, default=1024, help="calibration images (train split)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
+    g.add_argument("--batch-size", type=int, default=256)
+    g.add_argument("--bn-recal", default="auto", help="auto | on | off (BatchNorm recalibration)")
+    g.add_argument("--recal-images", type=int, default=256)
+
+
+def parse_bn_recal(value: str):
+    v = str(value).lower()
+    if v not in ("auto", "on", "off", "true", "false"):
+        raise ConfigError(f"--bn-recal {value!r}: use auto, on or off")
+    return "auto" if v == "auto" else v in ("on", "true")
+
+
+def calibration_tensors(args: argparse.Namespace, model, size):
+    """The calibration subset of the train split as tensors (drawn with --seed)."""
+    from autohybrid.data import as_tensors, load_data
+
+    data = load_data(args.data, model, input_size=size)
+    return as_tensors(data.calibration(args.calib, seed=args.seed))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from autohybrid.cli import allocate, apply, inventory
+from autohybrid.cli import allocate, apply, evaluate, inventory, sensitivity
 from autohybrid.exceptions import AutohybridError
 
-SUBCOMMANDS = [inventory, allocate, apply]
+SUBCOMMANDS = [inventory, sensitivity, allocate, apply, evaluate]
 
 
 class _Parser(argparse.ArgumentParser):
