@@ -208,12 +208,20 @@ Builder = Callable[[LayerInfo, float], LayerSpec]
 
 
 def search_level(
-    inv: Inventory, build: Builder, budget: float, metric: str, lo: float = 1e-3
+    inv: Inventory,
+    build: Builder,
+    budget: float,
+    metric: str,
+    lo: float = 1e-3,
+    layers: list[LayerInfo] | None = None,
 ) -> tuple[dict[str, LayerSpec], float]:
-    """Largest level ``x`` in [lo, 1] whose allocation costs <= ``budget``; error if none."""
+    """Largest level ``x`` in [lo, 1] whose allocation costs <= ``budget``; error if none.
+
+    ``layers`` defaults to the inventory's compressible layers."""
+    targets = inv.compressible if layers is None else layers
 
     def at(x: float) -> tuple[dict[str, LayerSpec], float]:
-        layers = {layer.name: build(layer, x) for layer in inv.compressible}
+        layers = {layer.name: build(layer, x) for layer in targets}
         return layers, allocation_cost(inv, layers).fraction(metric)
 
     layers, frac = at(lo)

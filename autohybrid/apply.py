@@ -26,7 +26,7 @@ def model_inventory(model: nn.Module, alloc: Allocation) -> Inventory:
     )
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -56,7 +56,7 @@ def apply(
         bias = old.bias.detach() if old.bias is not None else None
         new, err = get_method(spec.method).compress(old.weight.detach(), bias, layer, spec)
         new.train(old.training)
-        _replace(small, name, new)
+        replace_module(small, name, new)
         errors[name] = err
     small.autohybrid_errors = errors
     return small
@@ -69,5 +69,5 @@ def skeleton(model: nn.Module, alloc: Allocation, inv: Inventory | None = None) 
     alloc.validate(inv)
     for name, spec in alloc.layers.items():
         if spec.method != "dense":
-            _replace(model, name, get_method(spec.method).skeleton(inv[name], spec))
+            replace_module(model, name, get_method(spec.method).skeleton(inv[name], spec))
     return model

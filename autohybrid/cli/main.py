@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from autohybrid.cli import allocate, apply, evaluate, inventory, sensitivity
+from autohybrid.cli import allocate, apply, evaluate, inventory, pareto, search, sensitivity
 from autohybrid.exceptions import AutohybridError
 
-SUBCOMMANDS = [inventory, sensitivity, allocate, apply, evaluate]
+SUBCOMMANDS = [search, pareto, inventory, sensitivity, allocate, apply, evaluate]
 
 
 class _Parser(argparse.ArgumentParser):

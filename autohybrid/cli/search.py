@@ -1,0 +1,82 @@
+"""autohybrid search: the whole pipeline under a budget. No --model: the built-in demo."""
+
+from __future__ import annotations
+
+from autohybrid.cli.common import model_kwargs
+from autohybrid.config import SearchConfig
+
+
+def register(sub) -> None:
+    p = sub.add_parser("search", help="search per-layer allocations under a budget (the demo "
+                       "runs when no --model is given)")
+    p.add_argument("--config", help="YAML config; flags override it")
+    p.add_argument("--budget", help="fraction of the dense model to keep, e.g. 0.2")
+    p.add_argument("--metric", help="params (default) or flops")
+    p.add_argument("--model", help="timm model name (default: the built-in demo)")
+    p.add_argument("--checkpoint")
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    p.add_argument("--data", help="digits | cifar10:DIR | imagefolder:DIR")
+    p.add_argument("--search-space", help="search space YAML (default: by model family)")
+    p.add_argument("--out", help="output folder (default ./autohybrid-out)")
+    p.add_argument("--storage", help="sqlite:///F | postgresql://... | journal:FILE")
+    p.add_argument("--study-name")
+    p.add_argument("--sampler", help="nsga2 (default) | tpe | gp")
+    p.add_argument("--backend", help="optuna (default) | ray")
+    p.add_argument("--ray-address", help="existing Ray cluster (default: local Ray)")
+    p.add_argument("--concurrency", type=int, help="parallel trials with --backend ray")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted Ray experiment")
+    p.add_argument("--trials", type=int, help="completed trials to reach (default 40)")
+    p.add_argument("--population", type=int, help="NSGA-II population size")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--calib", type=int, help="calibration images from the train split")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--bn-recal", help="auto | on | off")
+    p.add_argument("--quality", help="kl (default) | loss | disagreement")
+    p.add_argument("--max-groups", type=int, help="cluster layers into at most this many")
+    p.add_argument("--no-screen", action="store_true", help="evaluate every trial")
+    p.add_argument("--top-k", type=int, help="Pareto trials to fine-tune (default 2)")
+    p.add_argument("--finetune-epochs", type=float)
+    p.add_argument("--finetune-steps", type=int)
+    p.add_argument("--finetune-lr", type=float)
+    p.add_argument("--test-limit", type=int, help="evaluate on the first N test samples")
+    p.set_defaults(func=run)
+
+
+FLAGS = ("budget", "metric", "model", "checkpoint", "num_classes", "input_size", "data",
+         "search_space", "out", "storage", "study_name", "sampler", "backend", "ray_address",
+         "concurrency", "trials", "population", "seed", "calib", "batch_size", "bn_recal",
+         "quality", "max_groups", "top_k", "finetune_epochs", "finetune_steps", "finetune_lr",
+         "test_limit")
+
+
+def resolve(args) -> SearchConfig:
+    """Defaults < --config file < flags."""
+    from autohybrid.exceptions import BudgetError
+
+    base = SearchConfig.load(args.config).to_dict() if args.config else {}
+    for key in FLAGS:
+        v = getattr(args, key, None)
+        if v is not None:
+            base[key] = list(v) if key == "input_size" else v
+    if "budget" in base and isinstance(base["budget"], str):
+        try:
+            base["budget"] = float(base["budget"])
+        except ValueError:
+            raise BudgetError(f"budget {base['budget']!r} is not a number; give a fraction "
+                              "such as 0.2") from None
+    if args.model_arg:
+        base["model_args"] = model_kwargs(args.model_arg)
+    if args.no_screen:
+        base["screen"] = False
+    if args.resume:
+        base["resume"] = True
+    return SearchConfig.from_dict(base, "options")
+
+
+def run(args) -> int:
+    from autohybrid.search.run import run_search
+
+    run_search(resolve(args))
+    return 0

@@ -1,0 +1,118 @@
+"""SearchConfig: every knob of ``autohybrid search``, as a dataclass that round-trips to YAML.
+
+Precedence: defaults < ``--config FILE`` < command-line flags. The resolved config is saved
+beside every output as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from autohybrid.exceptions import ConfigError
+from autohybrid.io import atomic_write_text
+
+__all__ = ["SearchConfig", "SAMPLERS", "BACKENDS", "DEMO_MODEL"]
+
+SAMPLERS = ("nsga2", "tpe", "gp")
+BACKENDS = ("optuna", "ray")
+QUALITY_SIGNALS = ("kl", "loss", "disagreement")
+DEMO_MODEL = "mobilenetv3_small_050"
+
+
+@dataclass
+class SearchConfig:
+    """What to search, on what, and how hard. ``model=None`` runs the built-in demo."""
+
+    model: str | None = None
+    checkpoint: str | None = None
+    num_classes: int | None = None
+    model_args: dict = field(default_factory=dict)
+    input_size: list[int] | None = None
+    data: str = "digits"
+    budget: float = 0.2
+    metric: str = "params"
+    search_space: str | None = None
+    out: str = "autohybrid-out"
+    storage: str | None = None
+    study_name: str | None = None
+    sampler: str = "nsga2"
+    backend: str = "optuna"
+    ray_address: str | None = None
+    concurrency: int = 1
+    resume: bool = False
+    trials: int = 40
+    population: int = 16
+    seed: int = 0
+    calib: int = 1024
+    batch_size: int = 256
+    bn_recal: str = "auto"
+    recal_images: int = 256
+    quality: str = "kl"
+    max_groups: int = 24
+    screen: bool = True
+    top_k: int = 2
+    finetune_epochs: float = 1.0
+    finetune_steps: int | None = None
+    finetune_lr: float = 3e-4
+    test_limit: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> SearchConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | Path) -> SearchConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError:
+            raise ConfigError(f"{path}: malformed YAML; fix the file") from None
+        return cls.from_dict(data, str(path))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> Path:
+        from autohybrid.storage import mask_url
+
+        d = self.to_dict()
+        d["storage"] = mask_url(d["storage"]) if d["storage"] else None
+        return atomic_write_text(path, yaml.safe_dump(d, sort_keys=False))
+
+    def validate(self) -> None:
+        from autohybrid.allocation import check_budget
+        from autohybrid.cost import normalize_metric
+
+        check_budget(self.budget)
+        self.metric = normalize_metric(self.metric)
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {self.sampler!r}; use one of {list(SAMPLERS)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"unknown backend {self.backend!r}; use one of {list(BACKENDS)}")
+        if self.quality not in QUALITY_SIGNALS:
+            raise ConfigError(
+                f"unknown quality signal {self.quality!r}; use one of {list(QUALITY_SIGNALS)}"
+            )
+        for key in ("trials", "calib", "batch_size", "population", "concurrency", "max_groups"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model is None

@@ -1,0 +1,1 @@
+"""search: per-layer method / rank / sparsity allocation under a budget (Optuna, Ray Tune)."""

@@ -1,0 +1,259 @@
+"""``autohybrid search``: model -> sensitivity -> study -> Pareto front -> fine-tune -> export.
+
+Every stage writes into ``cfg.out`` and is skipped on a rerun when its output is there, so an
+interrupted search resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import torch
+from rich.console import Console
+
+from autohybrid.allocation import Allocation
+from autohybrid.config import SearchConfig
+from autohybrid.cost import allocation_cost
+from autohybrid.exceptions import BudgetError
+from autohybrid.inventory import inventory, model_input_size
+from autohybrid.io import atomic_path, atomic_write_text
+from autohybrid.search.objective import Evaluator
+from autohybrid.search.params import LEVELS, MIN_SCALE, ParamSpace, group_layers
+from autohybrid.search.study import SearchStudy, pareto_front, trial_layers
+from autohybrid.search.surrogate import Surrogate
+from autohybrid.search.warm_start import warm_starts
+from autohybrid.search_space import load_search_space
+from autohybrid.sensitivity import sensitivity
+from autohybrid.storage import get_storage, mask_url
+
+__all__ = ["run_search", "smallest_fraction", "write_front"]
+
+console = Console(stderr=True)
+
+
+def smallest_fraction(ps: ParamSpace) -> float:
+    """The cheapest model the search space can build (every layer at its cheapest)."""
+    layers = {}
+    for g in ps.groups:
+        for name in g.layers:
+            best = None
+            for m in g.methods[1:]:
+                spec = ps.spec(ps.inv[name], m, LEVELS[-1] * MIN_SCALE, 0.5)
+                cost = allocation_cost(ps.inv, {name: spec}).fraction(ps.metric)
+                if best is None or cost < best[0]:
+                    best = (cost, spec)
+            if best:
+                layers[name] = best[1]
+    return ps.fraction(layers)
+
+
+def _load(cfg: SearchConfig):
+    from autohybrid.models import create_model
+
+    if cfg.is_demo:
+        from autohybrid.demo import DEMO_DATA, DEMO_INPUT, demo_checkpoint
+        from autohybrid.config import DEMO_MODEL
+
+        console.print(f"[bold]demo[/]: {DEMO_MODEL} trained on scikit-learn digits "
+                      "(no --model given)")
+        cfg.model, cfg.checkpoint = DEMO_MODEL, str(demo_checkpoint())
+        cfg.data, cfg.input_size = DEMO_DATA, list(DEMO_INPUT)
+        cfg.calib = min(cfg.calib, 512)
+    model = create_model(cfg.model, num_classes=cfg.num_classes, checkpoint=cfg.checkpoint,
+                         **cfg.model_args).eval()
+    size = tuple(cfg.input_size) if cfg.input_size else model_input_size(model)
+    return model, size
+
+
+def run_search(cfg: SearchConfig) -> Path:
+    """The whole pipeline; returns the output folder."""
+    from autohybrid.data import as_tensors, load_data
+
+    t0 = time.time()
+    cfg.validate()
+    out = Path(cfg.out)
+    model, size = _load(cfg)
+    data = load_data(cfg.data, model, input_size=size)
+    inv = inventory(model, size)
+    space = load_search_space(cfg.model, cfg.search_space)
+    storage = get_storage(cfg.storage, out)  # fail early on a bad URL
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    x, y = as_tensors(data.calibration(cfg.calib, seed=cfg.seed))
+
+    console.rule(f"sensitivity: {len(space.compressible(inv))} layers of {cfg.model}")
+    table = sensitivity(model, inv, space, x, y, out_dir=out / "sensitivity",
+                        key_extra={"data": cfg.data, "seed": cfg.seed},
+                        batch_size=cfg.batch_size, bn_recal=_recal(cfg.bn_recal),
+                        recal_images=cfg.recal_images)
+    from autohybrid.report import write_sensitivity_report
+
+    write_sensitivity_report(table, out / "sensitivity", cfg.quality if cfg.quality == "kl"
+                             else "dloss")
+    bn_recal = bool(table.meta["bn_recal"])
+
+    groups = group_layers(space, inv, table.df, cfg.max_groups, cfg.seed)
+    ps = ParamSpace(space, inv, groups, cfg.metric)
+    low = smallest_fraction(ps)
+    if cfg.budget < low:
+        raise BudgetError(
+            f"budget {cfg.budget} of {cfg.metric} cannot be reached by this search space: "
+            f"the smallest reachable fraction is {low:.3f}; raise --budget or widen the space"
+        )
+    evaluator = Evaluator(model, inv, x, y, bn_recal, cfg.recal_images, cfg.batch_size)
+    identity = {"name": cfg.model, "num_classes": inv.num_classes,
+                "input_size": list(size), "kwargs": dict(inv.model_kwargs)}
+    study_name = cfg.study_name or f"{cfg.model}-{cfg.metric}-{cfg.budget:g}"
+    warm = warm_starts(ps, table.df, model, cfg.budget)
+    console.rule(f"search: study {study_name!r} in {mask_url(_storage_name(cfg, out))}, "
+                 f"{len(groups)} groups, {cfg.sampler}, {cfg.trials} trials")
+    if cfg.backend == "ray":
+        from autohybrid.search.ray_backend import run_ray
+
+        study = run_ray(cfg, storage, study_name, ps, evaluator, Surrogate(table.df, inv),
+                        identity, warm)
+    else:
+        ss = SearchStudy(cfg, storage, study_name, ps, evaluator, Surrogate(table.df, inv),
+                         identity)
+        ss.open(warm)
+        with _progress(cfg) as on_trial:
+            ss.on_trial = on_trial
+            ss.run()
+        study = ss.study
+    front = write_front(study, out, cfg.budget)
+    console.rule(f"fine-tune the best {min(cfg.top_k, len(front))} of {len(front)} "
+                 "Pareto trials")
+    rows = finetune_front(cfg, study, front, model, data, out, inv)
+    _write_pareto_csv(rows, out)
+    from autohybrid.search.report import write_search_report
+
+    write_search_report(study, out, cfg, table, inv)
+    console.print(f"done in {time.time() - t0:.0f} s: {out}/pareto.csv, {out}/report.html")
+    _print_front(rows)
+    return out
+
+
+def _recal(v: str):
+    return "auto" if v == "auto" else str(v).lower() in ("on", "true", "1")
+
+
+def _storage_name(cfg, out):
+    return cfg.storage or f"sqlite:///{out / 'study.db'}"
+
+
+class _progress:
+    """Rich progress: trials done, best quality so far at the budget, ETA."""
+
+    def __init__(self, cfg: SearchConfig):
+        self.cfg = cfg
+
+    def __enter__(self):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("[bold]trials"), BarColumn(), TextColumn("{task.completed}"
+                          f"/{self.cfg.trials}"), TextColumn("{task.description}"),
+                          TimeRemainingColumn(), console=console, transient=False)
+        self.p.__enter__()
+        self.task = self.p.add_task("", total=self.cfg.trials)
+        return self.update
+
+    def update(self, trial, study):
+        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        feas = [t.values[0] for t in done if t.user_attrs.get("constraint", 1) <= 0]
+        best = f"best {self.cfg.quality} {min(feas):.4g}" if feas else ""
+        pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in
+                     study.get_trials(deepcopy=False))
+        self.p.update(self.task, completed=min(len(done), self.cfg.trials),
+                      description=f"{best}  screened {pruned}")
+
+    def __exit__(self, *exc):
+        self.p.__exit__(*exc)
+
+
+def write_front(study: optuna.Study, out: Path, budget: float | None) -> list:
+    """allocations/trial-NNNN.yaml for every Pareto trial of ``study``."""
+    front = pareto_front(study.get_trials(deepcopy=False), budget)
+    attrs = study.user_attrs
+    for t in front:
+        alloc = Allocation(
+            layers=trial_layers(t), fingerprint=attrs["fingerprint"],
+            model=dict(attrs.get("model", {})), budget=attrs.get("budget"),
+            metric=attrs.get("metric"),
+            meta={"study": study.study_name, "trial": t.number,
+                  "quality": {attrs.get("quality", "kl"): t.values[0]},
+                  "top1_calibration": t.user_attrs.get("top1"),
+                  "warm_start": t.user_attrs.get("warm_start")},
+        )
+        alloc.save(out / "allocations" / f"trial-{t.number:04d}.yaml")
+    return front
+
+
+def finetune_front(cfg, study, front, model, data, out: Path, inv) -> list[dict]:
+    """Test accuracy of every Pareto trial before fine-tuning; fine-tune the top-K, export."""
+    from autohybrid.apply import apply
+    from autohybrid.evaluate import evaluate
+    from autohybrid.export import export
+    from autohybrid.finetune import FinetuneConfig, finetune
+
+    test = data.test
+    if cfg.test_limit:
+        test = torch.utils.data.Subset(test, range(min(cfg.test_limit, len(test))))
+    done = dict(study.user_attrs.get("finetuned", {}))
+    rows = []
+    for rank, t in enumerate(front):
+        alloc = Allocation.load(out / "allocations" / f"trial-{t.number:04d}.yaml", inv)
+        row = {
+            "trial": t.number, cfg.quality: t.values[0],
+            "top1_calibration": t.user_attrs.get("top1"),
+            "params_fraction": t.user_attrs["params_fraction"],
+            "macs_fraction": t.user_attrs["macs_fraction"],
+            "warm_start": t.user_attrs.get("warm_start", ""),
+            "allocation": f"allocations/trial-{t.number:04d}.yaml",
+        }
+        key = str(t.number)
+        if key in done:
+            row.update(done[key])
+            rows.append(row)
+            continue
+        small = apply(model, alloc, inv=inv, progress=False)
+        row["test_top1_before"] = evaluate(small, test, progress=False)["top1"]
+        if rank < cfg.top_k:
+            ft = FinetuneConfig(epochs=cfg.finetune_epochs, steps=cfg.finetune_steps,
+                                lr=cfg.finetune_lr, seed=cfg.seed,
+                                flip=not str(cfg.data).startswith("digits"))
+            ckpt = out / "finetune" / f"trial-{t.number:04d}"
+            finetune(small, model, data.train, ft, checkpoint_dir=ckpt, progress=True)
+            row["test_top1_after"] = evaluate(small, test, progress=False)["top1"]
+            export(small, alloc, out / "models" / f"trial-{t.number:04d}")
+            row["model"] = f"models/trial-{t.number:04d}"
+        result = {k: row[k] for k in ("test_top1_before", "test_top1_after", "model") if k in row}
+        done[key] = result
+        study.set_user_attr("finetuned", done)
+        rows.append(row)
+    return rows
+
+
+def _write_pareto_csv(rows: list[dict], out: Path) -> None:
+    with atomic_path(out / "pareto.csv") as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+    atomic_write_text(out / "pareto.json", json.dumps(rows, indent=2))
+
+
+def _print_front(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title="Pareto front (within budget)")
+    for col in ("trial", "params", "MACs", "calib top-1", "test before", "test after", "start"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(
+            str(r["trial"]), f"{r['params_fraction']:.3f}", f"{r['macs_fraction']:.3f}",
+            f"{r.get('top1_calibration') or float('nan'):.2f}",
+            f"{r.get('test_top1_before', float('nan')):.2f}",
+            f"{r.get('test_top1_after', float('nan')):.2f}", r.get("warm_start") or "",
+        )
+    console.print(table)

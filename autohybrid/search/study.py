@@ -1,0 +1,237 @@
+"""The Optuna study: two objectives (quality on calibration, cost fraction), a hard budget
+constraint, warm starts, surrogate screening, resume and many workers on one storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autohybrid.config import SearchConfig
+from autohybrid.cost import allocation_cost
+from autohybrid.exceptions import ConfigError
+from autohybrid.search.objective import Evaluator, NumericalError
+from autohybrid.search.params import ParamSpace
+from autohybrid.search.surrogate import Surrogate
+from autohybrid.spec import LayerSpec
+
+__all__ = ["SearchStudy", "pareto_front", "trial_layers", "make_sampler", "STUDY_KEYS"]
+
+STUDY_KEYS = ("fingerprint", "budget", "metric", "space", "quality", "groups", "calib", "seed")
+SCREEN_AFTER = 8
+SCREEN_FACTOR = 2.0
+MAX_SCREENED_IN_A_ROW = 3
+
+
+def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
+    constraints = lambda t: [t.user_attrs.get("constraint", 1.0)]  # noqa: E731
+    if cfg.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=cfg.seed, constraints_func=constraints,
+                                          multivariate=True, n_startup_trials=10)
+    if cfg.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=cfg.seed, constraints_func=constraints)
+    return optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=cfg.seed,
+                                         constraints_func=constraints)
+
+
+def trial_layers(trial: FrozenTrial) -> dict[str, LayerSpec]:
+    return {n: LayerSpec.from_dict(d) for n, d in json.loads(trial.user_attrs["allocation"]).items()}
+
+
+def pareto_front(trials: list[FrozenTrial], budget: float | None = None) -> list[FrozenTrial]:
+    """Complete, within-budget trials not dominated in (quality, cost), best quality first."""
+    ok = [t for t in trials if t.state == TrialState.COMPLETE and t.values
+          and t.user_attrs.get("constraint", 1.0) <= 0
+          and (budget is None or t.values[1] <= budget + 1e-12)]
+    front = []
+    for t in sorted(ok, key=lambda t: (t.values[1], t.values[0], t.number)):
+        if not front or t.values[0] < front[-1].values[0]:
+            front.append(t)
+    return sorted(front, key=lambda t: (t.values[0], t.number))
+
+
+@dataclass
+class SearchStudy:
+    cfg: SearchConfig
+    storage: optuna.storages.BaseStorage
+    study_name: str
+    ps: ParamSpace
+    evaluator: Evaluator | None
+    surrogate: Surrogate | None
+    identity: dict
+    on_trial: Callable[[FrozenTrial, optuna.Study], None] | None = None
+    study: optuna.Study | None = None
+    leader: bool = False
+    _screened_in_a_row: int = field(default=0, repr=False)
+
+    # -- study ----------------------------------------------------------------------------
+    def attrs(self) -> dict:
+        return {
+            "fingerprint": self.ps.inv.fingerprint, "budget": self.cfg.budget,
+            "metric": self.cfg.metric, "space": self.ps.space.digest,
+            "quality": self.cfg.quality, "groups": [list(g.layers) for g in self.ps.groups],
+            "calib": self.cfg.calib, "seed": self.cfg.seed,
+        }
+
+    def open(self, warm: dict[str, dict[str, LayerSpec]] | None = None) -> optuna.Study:
+        sampler = make_sampler(self.cfg)
+        try:
+            study = optuna.create_study(
+                storage=self.storage, study_name=self.study_name, sampler=sampler,
+                directions=["minimize", "minimize"],
+            )
+            self.leader = True
+        except optuna.exceptions.DuplicatedStudyError:
+            study = optuna.load_study(study_name=self.study_name, storage=self.storage,
+                                      sampler=sampler)
+        mine = self.attrs()
+        if self.leader:
+            study.set_metric_names([self.cfg.quality, f"{self.cfg.metric}_fraction"])
+            for k, v in mine.items():
+                study.set_user_attr(k, v)
+            study.set_user_attr("model", self.identity)
+            for name, layers in (warm or {}).items():
+                study.enqueue_trial(self.ps.params_for(layers), user_attrs={
+                    "warm_start": name, "allocation": _dump(layers)})
+        else:
+            theirs = {k: study.user_attrs.get(k) for k in STUDY_KEYS}
+            diff = [k for k in STUDY_KEYS if theirs[k] is not None and theirs[k] != mine[k]]
+            if diff:
+                k = diff[0]
+                raise ConfigError(
+                    f"study {self.study_name!r} was started with {k}={_short(theirs[k])}, this "
+                    f"run has {k}={_short(mine[k])}; use the same settings, or another "
+                    "--study-name / --out"
+                )
+        self.study = study
+        self._recover_dead_local_trials()
+        return study
+
+    def _recover_dead_local_trials(self) -> None:
+        """RUNNING trials started on this host by a process that no longer exists (SIGKILL):
+        fail them and enqueue their parameters again, at once, without waiting for the
+        heartbeat grace period (journal storages have no heartbeat at all)."""
+        host = socket.gethostname()
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("host") != host or _alive(t.user_attrs.get("pid", -1)):
+                continue
+            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            attrs = {k: v for k, v in t.user_attrs.items() if k in ("warm_start", "allocation")}
+            attrs["retry_of"] = t.number
+            self.study.enqueue_trial(t.params, user_attrs=attrs)
+
+    def completed(self) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+    # -- one trial ------------------------------------------------------------------------
+    def objective(self, trial: optuna.Trial) -> tuple[float, float]:
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        params = self.ps.suggest(trial)
+        fixed = trial.user_attrs.get("allocation")
+        if fixed is not None:
+            layers, scale = _load(fixed), 1.0
+        else:
+            layers, scale = self.ps.repair(params, self.cfg.budget)
+            trial.set_user_attr("allocation", _dump(layers))
+            trial.set_user_attr("scale", scale)
+        c = allocation_cost(self.ps.inv, layers)
+        frac = c.fraction(self.cfg.metric)
+        trial.set_user_attr("params_fraction", c.params_fraction)
+        trial.set_user_attr("macs_fraction", c.macs_fraction)
+        trial.set_user_attr("constraint", frac - self.cfg.budget)
+        if frac > self.cfg.budget:  # cannot be made to fit: infeasible, never evaluated
+            trial.set_user_attr("infeasible", True)
+            return 1e9, frac
+        if self.surrogate is not None:
+            additive, predicted = self.surrogate.predict(layers, frac)
+            trial.set_user_attr("predicted_additive", additive)
+            trial.set_user_attr("predicted", predicted)
+            if fixed is None and self._screen(predicted, frac):
+                trial.set_user_attr("screened", True)
+                raise optuna.TrialPruned("surrogate predicts a dominated allocation")
+        self._screened_in_a_row = 0
+        try:
+            scores = self.evaluator.score(layers)
+        except NumericalError as e:
+            trial.set_user_attr("fail_reason", str(e))
+            raise
+        for k, v in scores.items():
+            trial.set_user_attr(k, v)
+        return scores[self.cfg.quality], frac
+
+    def _screen(self, predicted: float, frac: float) -> bool:
+        if not self.cfg.screen or self._screened_in_a_row >= MAX_SCREENED_IN_A_ROW:
+            return False
+        done = [t for t in self.completed() if t.user_attrs.get("constraint", 1) <= 0]
+        if len(done) < SCREEN_AFTER:
+            return False
+        best = min((t.values[0] for t in done if t.values[1] <= frac + 1e-9), default=None)
+        if best is None or predicted <= SCREEN_FACTOR * best + 1e-4:
+            return False
+        self._screened_in_a_row += 1
+        return True
+
+    def refit_surrogate(self) -> None:
+        if self.surrogate is None:
+            return
+        rows = [(t.user_attrs["predicted_additive"], t.values[1], t.values[0])
+                for t in self.completed() if "predicted_additive" in t.user_attrs
+                and t.user_attrs.get("constraint", 1) <= 0]
+        if rows:
+            p, c, m = (list(x) for x in zip(*rows))
+            self.surrogate.fit(p, c, m)
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> optuna.Study:
+        target = self.cfg.trials
+
+        def callback(study: optuna.Study, trial: FrozenTrial) -> None:
+            if trial.state == TrialState.COMPLETE:
+                self.refit_surrogate()
+            if self.on_trial:
+                self.on_trial(trial, study)
+            states = study.get_trials(deepcopy=False)
+            complete = sum(t.state == TrialState.COMPLETE for t in states)
+            if complete >= target or len(states) >= 5 * target + 20:
+                study.stop()
+
+        if len(self.completed()) < target:
+            self.refit_surrogate()
+            self.study.optimize(self.objective, callbacks=[callback], catch=(NumericalError,),
+                                gc_after_trial=False)
+        return self.study
+
+
+def _dump(layers: dict[str, LayerSpec]) -> str:
+    return json.dumps({n: s.to_dict() for n, s in layers.items()}, sort_keys=True)
+
+
+def _load(text: str) -> dict[str, LayerSpec]:
+    return {n: LayerSpec.from_dict(d) for n, d in json.loads(text).items()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _short(v) -> str:
+    s = json.dumps(v) if not isinstance(v, str) else v
+    return s if len(s) < 60 else s[:57] + "..."
+
+
+def best_feasible_quality(trials: list[FrozenTrial]) -> float | None:
+    vals = [t.values[0] for t in trials if t.state == TrialState.COMPLETE and t.values
+            and t.user_attrs.get("constraint", 1) <= 0]
+    return float(np.min(vals)) if vals else None

@@ -1,0 +1,104 @@
+"""Warm starts: the allocations every user would try first, enqueued as the study's first trials.
+
+- ``uniform``: one keep level for every layer, low-rank + sparse (sparse where low-rank
+  does not apply), binary-searched to the budget.
+- ``greedy`` (AIMET-style): per layer, the cheapest candidate whose measured sensitivity is
+  below one threshold; the threshold is binary-searched so the model meets the budget.
+- ``global_magnitude``: one magnitude threshold across all searched layers (global
+  unstructured pruning); each layer's sparsity is what that threshold implies.
+- ``error_threshold`` (ALDS-style): like greedy, on the relative reconstruction error.
+Each returns per-layer specs, or None when it cannot reach the budget.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from autohybrid.allocation import search_level
+from autohybrid.cost import allocation_cost
+from autohybrid.exceptions import BudgetError
+from autohybrid.methods import HYBRID
+from autohybrid.search.params import ParamSpace
+from autohybrid.sensitivity import spec_from_row
+from autohybrid.spec import LayerSpec
+
+__all__ = ["warm_starts", "uniform", "threshold", "global_magnitude"]
+
+
+def uniform(ps: ParamSpace, budget: float):
+    layers = ps.space.compressible(ps.inv)
+    try:
+        specs, _ = search_level(ps.inv, lambda la, x: ps.spec(la, HYBRID, x), budget,
+                                ps.metric, layers=layers)
+    except BudgetError:
+        return None
+    return {n: s for n, s in specs.items() if s.method != "dense"}
+
+
+def threshold(ps: ParamSpace, table: pd.DataFrame, column: str, budget: float):
+    """Per layer the cheapest candidate with ``column`` <= tau; tau binary-searched."""
+    options = {}
+    for name, rows in table.groupby("layer", sort=False):
+        rows = rows.sort_values("params")
+        options[name] = [(float(r[column]), spec_from_row(r)) for _, r in rows.iterrows()]
+
+    def at(tau: float) -> dict[str, LayerSpec]:
+        out = {}
+        for name, opts in options.items():
+            ok = [s for v, s in opts if v <= tau]
+            if ok:
+                out[name] = ok[0]
+        return out
+
+    taus = np.unique(table[column].to_numpy(float))
+    if len(taus) == 0 or ps.fraction(at(taus[-1])) > budget:
+        return None
+    lo, hi = 0, len(taus) - 1  # smallest tau index that fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ps.fraction(at(taus[mid])) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return at(taus[lo])
+
+
+def global_magnitude(ps: ParamSpace, model: torch.nn.Module, budget: float):
+    """One |w| threshold over every searched layer, sparsity per layer as it implies."""
+    layers = ps.space.compressible(ps.inv)
+    weights = {la.name: model.get_submodule(la.name).weight.detach().abs().flatten()
+               for la in layers}
+    all_w = torch.cat(list(weights.values())).sort().values
+
+    def at(k: int) -> dict[str, LayerSpec]:
+        t = all_w[min(k, len(all_w) - 1)]
+        out = {}
+        for name, w in weights.items():
+            zeros = int((w < t).sum())
+            if zeros:
+                out[name] = LayerSpec("sparse", sparsity=min(zeros / w.numel(), 0.9999))
+        return out
+
+    lo, hi = 0, len(all_w) - 1  # fewest pruned weights that fit
+    if allocation_cost(ps.inv, at(hi)).fraction(ps.metric) > budget:
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if allocation_cost(ps.inv, at(mid)).fraction(ps.metric) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    return at(lo)
+
+
+def warm_starts(ps: ParamSpace, table: pd.DataFrame, model, budget: float) -> dict[str, dict]:
+    """name -> per-layer specs, for every warm start that can meet the budget."""
+    starts = {
+        "uniform": uniform(ps, budget),
+        "greedy": threshold(ps, table, "kl", budget),
+        "global_magnitude": global_magnitude(ps, model, budget),
+        "error_threshold": threshold(ps, table, "rel_error", budget),
+    }
+    return {k: v for k, v in starts.items() if v is not None}
