@@ -10,7 +10,9 @@ import re
 from pathlib import Path
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+import warnings
+
+from optuna.storages import RDBStorage
 
 from autohybrid.exceptions import ConfigError
 
@@ -44,18 +46,23 @@ def get_storage(spec: str | None, out_dir: str | Path) -> optuna.storages.BaseSt
             f"storage {mask_url(spec)!r} is not a URL; use sqlite:///FILE, "
             "postgresql://USER:PASS@HOST/DB or journal:FILE"
         )
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    retry = retry or optuna.storages.RetryFailedTrialCallback
     try:
-        return RDBStorage(
-            spec,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=2),
-            engine_kwargs={"pool_pre_ping": True} if not spec.startswith("sqlite") else None,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            callback = retry(max_retry=2)
+            return RDBStorage(
+                spec,
+                heartbeat_interval=HEARTBEAT_S,
+                grace_period=GRACE_S,
+                heartbeat_stale_trial_callback=callback,
+                engine_kwargs={"pool_pre_ping": True} if not spec.startswith("sqlite") else None,
+            )
     except Exception as e:  # sqlalchemy / driver errors: connection refused, bad db, no driver
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         reason = reason.replace(spec, mask_url(spec) or "")
         raise ConfigError(
             f"cannot open storage {mask_url(spec)!r}: {mask_url(reason)[:200]}; check the URL, "
-            "that the server is running, and the driver (pip install psycopg2-binary)"
+            "that the server is running, and the driver (pip install 'psycopg[binary]')"
         ) from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,14 +32,12 @@ MAX_SCREENED_IN_A_ROW = 3
 
 
 def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
-    constraints = lambda t: [t.user_attrs.get("constraint", 1.0)]  # noqa: E731
+    """The samplers read the budget constraint each trial sets (``Trial.set_constraint``)."""
     if cfg.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=cfg.seed, constraints_func=constraints,
-                                          multivariate=True, n_startup_trials=10)
+        return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, n_startup_trials=10)
     if cfg.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=cfg.seed, constraints_func=constraints)
-    return optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=cfg.seed,
-                                         constraints_func=constraints)
+        return optuna.samplers.GPSampler(seed=cfg.seed)
+    return optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=cfg.seed)
 
 
 def trial_layers(trial: FrozenTrial) -> dict[str, LayerSpec]:
@@ -93,7 +92,9 @@ class SearchStudy:
                                       sampler=sampler)
         mine = self.attrs()
         if self.leader:
-            study.set_metric_names([self.cfg.quality, f"{self.cfg.metric}_fraction"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names([self.cfg.quality, f"{self.cfg.metric}_fraction"])
             for k, v in mine.items():
                 study.set_user_attr(k, v)
             study.set_user_attr("model", self.identity)
@@ -147,6 +148,7 @@ class SearchStudy:
         trial.set_user_attr("params_fraction", c.params_fraction)
         trial.set_user_attr("macs_fraction", c.macs_fraction)
         trial.set_user_attr("constraint", frac - self.cfg.budget)
+        trial.set_constraint("budget", frac - self.cfg.budget)
         if frac > self.cfg.budget:  # cannot be made to fit: infeasible, never evaluated
             trial.set_user_attr("infeasible", True)
             return 1e9, frac

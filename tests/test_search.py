@@ -1,0 +1,146 @@
+"""The study on a small setup: budget is a hard constraint, warm starts, determinism, pareto."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+import autohybrid as ah
+from autohybrid.config import SearchConfig
+from autohybrid.models import create_model
+from autohybrid.search.objective import Evaluator, NumericalError
+from autohybrid.search.params import ParamSpace, group_layers
+from autohybrid.search.run import smallest_fraction, write_front
+from autohybrid.search.study import SearchStudy, pareto_front, trial_layers
+from autohybrid.search.surrogate import Surrogate
+from autohybrid.search.warm_start import warm_starts
+from autohybrid.search_space import SearchSpace
+from autohybrid.sensitivity import sensitivity
+
+SPACE = SearchSpace(
+    name="tiny", include=["layer3.*"], methods={"conv": ["sparse", "tucker2", "lowrank+sparse"]},
+    factorizations={"conv": "tucker2"}, rank_ratios=[0.5, 0.25], sparsities=[0.5, 0.9],
+    hybrid_rank_ratios=[0.25], hybrid_sparsities=[0.9], refine=0,
+)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20").eval()
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    inv = ah.inventory(model, (3, 32, 32))
+    table = sensitivity(model, inv, SPACE, x, y, bn_recal=False, progress=False)
+    return model, inv, x, y, table
+
+
+def make_study(parts, tmp_path, budget=0.6, trials=6, seed=0, storage=None, evaluator=None):
+    model, inv, x, y, table = parts
+    cfg = SearchConfig(model="cifar_resnet20", budget=budget, trials=trials, population=4,
+                       seed=seed, calib=len(x), top_k=0, out=str(tmp_path))
+    groups = group_layers(SPACE, inv, table.df, cfg.max_groups, seed)
+    ps = ParamSpace(SPACE, inv, groups, cfg.metric)
+    ev = evaluator or Evaluator(model, inv, x, y, bn_recal=False, batch_size=32)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    storage = storage or f"sqlite:///{tmp_path / 'study.db'}"
+    ss = SearchStudy(cfg, optuna.storages.RDBStorage(storage), "s", ps, ev,
+                     Surrogate(table.df, inv), {"name": "cifar_resnet20"})
+    ss.open(warm_starts(ps, table.df, model, budget))
+    return ss
+
+
+def test_budget_is_hard_and_warm_starts_come_first(parts, tmp_path):
+    ss = make_study(parts, tmp_path)
+    study = ss.run()
+    trials = study.get_trials()
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) >= 6
+    for t in done:
+        assert t.values[1] <= 0.6 + 1e-12 and t.user_attrs["constraint"] <= 1e-12
+        assert ah.Allocation.for_inventory(parts[1], trial_layers(t)).cost(parts[1]).fraction(
+            "params") == pytest.approx(t.values[1])
+        assert "predicted" in t.user_attrs and "top1" in t.user_attrs
+    starts = [t.user_attrs.get("warm_start") for t in trials[:4]]
+    assert set(starts) == {"uniform", "greedy", "global_magnitude", "error_threshold"}
+    front = pareto_front(trials, 0.6)
+    assert front and front[0].values[0] <= min(t.values[0] for t in done) + 1e-12
+    # repaired trials land close to the budget, not far below it
+    searched = [t for t in done if not t.user_attrs.get("warm_start")]
+    assert all(t.values[1] > 0.45 for t in searched)
+
+
+def test_same_seed_same_first_trials(parts, tmp_path):
+    a = make_study(parts, tmp_path / "a", trials=5).run()
+    b = make_study(parts, tmp_path / "b", trials=5).run()
+    pa = [t.params for t in a.get_trials()[:6]]
+    pb = [t.params for t in b.get_trials()[:6]]
+    assert pa == pb
+
+
+def test_resume_reaches_the_total_without_losing_trials(parts, tmp_path):
+    ss = make_study(parts, tmp_path, trials=5)
+    ss.run()
+    before = {t.number: t.values for t in ss.study.get_trials(states=(TrialState.COMPLETE,))}
+    again = make_study(parts, tmp_path, trials=8)  # same study, larger total
+    assert not again.leader
+    study = again.run()
+    after = {t.number: t.values for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert all(after[n] == v for n, v in before.items())
+    assert len(after) >= 8
+    starts = [t.user_attrs.get("warm_start") for t in study.get_trials()]
+    assert starts.count("uniform") == 1  # warm starts are enqueued once
+
+
+def test_study_with_other_settings_is_refused(parts, tmp_path):
+    make_study(parts, tmp_path, trials=4).run()
+    with pytest.raises(ah.AutohybridError, match="was started with budget=0.6"):
+        make_study(parts, tmp_path, budget=0.5)
+
+
+def test_nan_trial_is_failed_with_reason_and_search_goes_on(parts, tmp_path):
+    model, inv, x, y, _ = parts
+
+    class Flaky(Evaluator):
+        calls = 0
+
+        def score(self, layers):
+            Flaky.calls += 1
+            if Flaky.calls == 2:
+                raise NumericalError("the compressed model produced NaN/inf outputs")
+            return super().score(layers)
+
+    ss = make_study(parts, tmp_path, trials=5,
+                    evaluator=Flaky(model, inv, x, y, bn_recal=False, batch_size=32))
+    study = ss.run()
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1 and "NaN" in failed[0].user_attrs["fail_reason"]
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) >= 5
+
+
+def test_unreachable_budget_names_smallest_fraction(parts):
+    model, inv, x, y, table = parts
+    ps = ParamSpace(SPACE, inv, group_layers(SPACE, inv, table.df, 24, 0), "params")
+    low = smallest_fraction(ps)
+    assert 0.1 < low < 0.6  # layers 1-2 and the stem stay dense in this space
+
+
+def test_pareto_writes_reappliable_allocations(parts, tmp_path, capsys):
+    from autohybrid.cli.main import main
+
+    ss = make_study(parts, tmp_path, trials=4)
+    ss.run()
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert main(["pareto", "--storage", url, "--out", str(tmp_path / "p")]) == 0
+    text = capsys.readouterr().out
+    files = sorted((tmp_path / "p" / "allocations").glob("trial-*.yaml"))
+    assert files and "Pareto front within budget 0.6" in text
+    model, inv = parts[0], parts[1]
+    for f in files:
+        alloc = ah.Allocation.load(f, inventory=inv)
+        assert alloc.cost(inv).params_fraction <= 0.6
+        small = ah.apply(model, alloc)
+        assert ah.cost(small, (3, 32, 32)).params == alloc.cost(inv).params
+    write_front(ss.study, tmp_path / "q", 0.6)
+    assert len(list((tmp_path / "q" / "allocations").glob("*.yaml"))) == len(files)
