@@ -16,6 +16,7 @@ import difflib
 import json
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -336,13 +337,17 @@ def _read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
             "pass a file written by torch.save or safetensors"
         )
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found:
+        why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        if found or why:
+            what = found.group(1) if found else why.group(1).strip()
             raise CheckpointError(
                 f"checkpoint {path} refused: it is not a plain tensor checkpoint and loading it "
-                f"would execute code ({found.group(1)}); re-save it with "
+                f"fully could execute code ({what}); re-save it with "
                 "torch.save(model.state_dict(), path) or as safetensors"
             ) from None
         raise _corrupt(path, e) from None

@@ -80,6 +80,13 @@ def run_search(cfg: SearchConfig) -> Path:
     data = load_data(cfg.data, model, input_size=size)
     inv = inventory(model, size)
     space = load_search_space(cfg.model, cfg.search_space)
+    low = smallest_fraction(ParamSpace(space, inv, group_layers(space, inv, None, 10**9, 0),
+                                       cfg.metric))
+    if cfg.budget < low:
+        raise BudgetError(
+            f"budget {cfg.budget} of {cfg.metric} cannot be reached by this search space: "
+            f"the smallest reachable fraction is {low:.3f}; raise --budget or widen the space"
+        )
     storage = get_storage(cfg.storage, out)  # fail early on a bad URL
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
@@ -98,12 +105,6 @@ def run_search(cfg: SearchConfig) -> Path:
 
     groups = group_layers(space, inv, table.df, cfg.max_groups, cfg.seed)
     ps = ParamSpace(space, inv, groups, cfg.metric)
-    low = smallest_fraction(ps)
-    if cfg.budget < low:
-        raise BudgetError(
-            f"budget {cfg.budget} of {cfg.metric} cannot be reached by this search space: "
-            f"the smallest reachable fraction is {low:.3f}; raise --budget or widen the space"
-        )
     evaluator = Evaluator(model, inv, x, y, bn_recal, cfg.recal_images, cfg.batch_size)
     identity = {"name": cfg.model, "num_classes": inv.num_classes,
                 "input_size": list(size), "kwargs": dict(inv.model_kwargs)}
