@@ -189,13 +189,16 @@ def read_search_space(path: str | Path) -> SearchSpace:
     return SearchSpace.from_dict(data, source=str(path))
 
 
-def load_search_space(model_name: str | None = None, path: str | Path | None = None) -> SearchSpace:
+def load_search_space(
+    model_name: str | None = None, path: str | Path | None = None
+) -> SearchSpace:
     """The space in ``path``, else the built-in one whose ``match`` fits ``model_name``,
     else ``default``."""
     if path is not None:
         return read_search_space(path)
     spaces = {name: read_search_space(p) for name, p in builtin_spaces().items()}
     for name, space in spaces.items():
-        if name != "default" and any(fnmatch.fnmatchcase(model_name or "", m) for m in space.match):
+        matches = any(fnmatch.fnmatchcase(model_name or "", m) for m in space.match)
+        if name != "default" and matches:
             return space
     return spaces.get("default", SearchSpace())

@@ -7,11 +7,10 @@ its trial is failed after the grace period and retried with the same parameters.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import optuna
-import warnings
-
 from optuna.storages import RDBStorage
 
 from autohybrid.exceptions import ConfigError

@@ -8,6 +8,14 @@ python3 -m venv .venv
 # torch / torchvision from the machine's local wheel store (plain pip; see README).
 .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/pip install -q -e '.[test]'
+# A throwaway PostgreSQL server for the many-worker tests (installed if missing).
+if [ -z "${AUTOHYBRID_TEST_PG:-}" ] && [ -f scripts/postgres.sh ]; then
+    if pg_env=$(bash scripts/postgres.sh); then
+        eval "$pg_env"
+    else
+        echo "warning: could not start PostgreSQL; its tests will fail in CI, skip elsewhere" >&2
+    fi
+fi
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -10,7 +10,7 @@ def register(sub) -> None:
     add_model_args(p)
     p.add_argument(
         "--method", default="lowrank+sparse",
-        help="lowrank+sparse | lowrank | sparse | svd | tucker2 | cp | tt (default lowrank+sparse)",
+        help="lowrank+sparse (default) | lowrank | sparse | svd | tucker2 | cp | tt",
     )
     p.add_argument("--budget", type=float, required=True, help="fraction of the dense model")
     p.add_argument("--metric", default="params", help="params (default) or flops")

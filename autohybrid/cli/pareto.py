@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def register(sub) -> None:
     p = sub.add_parser("pareto", help="print a stored study's Pareto front, write allocations")
@@ -30,7 +32,7 @@ def run(args) -> int:
         raise ConfigError(f"no study {name!r} in {mask_url(args.storage)}; studies: "
                           f"{', '.join(names) or '(none)'}")
     study = optuna.load_study(study_name=name, storage=storage)
-    front = write_front(study, __import__("pathlib").Path(args.out), study.user_attrs.get("budget"))
+    front = write_front(study, Path(args.out), study.user_attrs.get("budget"))
     quality = study.user_attrs.get("quality", "quality")
     n = {s: sum(t.state.name == s for t in study.trials) for s in ("COMPLETE", "RUNNING")}
     print(f"study {name}: {n['COMPLETE']} complete, {n['RUNNING']} running; "

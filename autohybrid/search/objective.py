@@ -14,11 +14,11 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from autohybrid.apply import replace_module
 from autohybrid.evaluate import recalibrate_bn
 from autohybrid.exceptions import AutohybridError
 from autohybrid.inventory import Inventory
 from autohybrid.methods import get_method
-from autohybrid.apply import replace_module
 from autohybrid.sensitivity import Scores
 from autohybrid.spec import LayerSpec
 

@@ -55,8 +55,8 @@ def _load(cfg: SearchConfig):
     from autohybrid.models import create_model
 
     if cfg.is_demo:
-        from autohybrid.demo import DEMO_DATA, DEMO_INPUT, demo_checkpoint
         from autohybrid.config import DEMO_MODEL
+        from autohybrid.demo import DEMO_DATA, DEMO_INPUT, demo_checkpoint
 
         console.print(f"[bold]demo[/]: {DEMO_MODEL} trained on scikit-learn digits "
                       "(no --model given)")

@@ -41,7 +41,7 @@ def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
 
 
 def trial_layers(trial: FrozenTrial) -> dict[str, LayerSpec]:
-    return {n: LayerSpec.from_dict(d) for n, d in json.loads(trial.user_attrs["allocation"]).items()}
+    return _load(trial.user_attrs["allocation"])
 
 
 def pareto_front(trials: list[FrozenTrial], budget: float | None = None) -> list[FrozenTrial]:
