@@ -23,6 +23,16 @@ QUALITY_SIGNALS = ("kl", "loss", "disagreement")
 DEMO_MODEL = "mobilenetv3_small_050"
 
 
+def check_keys(cls, d, source: str) -> None:
+    """A YAML mapping for dataclass ``cls``: unknown keys are an error naming the allowed."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+
+
 @dataclass
 class SearchConfig:
     """What to search, on what, and how hard. ``model=None`` runs the built-in demo."""
@@ -62,12 +72,7 @@ class SearchConfig:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config") -> SearchConfig:
-        if not isinstance(d, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        check_keys(cls, d, source)
         cfg = cls(**d)
         cfg.validate()
         return cfg

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from autohybrid.config import check_keys
 from autohybrid.exceptions import ConfigError, MethodError
 from autohybrid.inventory import KINDS, Inventory, LayerInfo
 from autohybrid.methods import HYBRID, METHODS, LowRankMethod
@@ -71,12 +72,7 @@ class SearchSpace:
     # -- YAML -------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict, source: str = "search space") -> SearchSpace:
-        if not isinstance(d, dict):
-            raise ConfigError(f"{source}: expected a mapping at the top")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        check_keys(cls, d, source)
         space = cls(**d)
         space.validate(source)
         return space
