@@ -35,8 +35,8 @@ def run(tmp_path_factory):
     (d / "space.yaml").write_text(SPACE)
     cfg = SearchConfig(model="cifar_resnet20", checkpoint=str(ckpt), data="digits",
                        input_size=[3, 32, 32], budget=0.6, trials=5, population=4, calib=64,
-                       batch_size=64, top_k=1, finetune_steps=2, search_space=str(d / "space.yaml"),
-                       out=str(d / "out"))
+                       batch_size=64, top_k=1, finetune_steps=2,
+                       search_space=str(d / "space.yaml"), out=str(d / "out"))
     out = run_search(cfg)
     return cfg, out, ckpt
 
