@@ -85,7 +85,9 @@ class ConeRunner:
         self.nodes = list(self.gm.graph.nodes)
         self._cones: dict[str, list[fx.Node]] = {}
 
-    def _run(self, nodes: Iterable[fx.Node], env: dict) -> None:
+    def _run(self, nodes: Iterable[fx.Node], env: dict, free: dict | None = None) -> None:
+        """Execute ``nodes`` into ``env``; ``free`` maps a node to the values it used last,
+        which are dropped right after it ran (keeps peak memory near a plain forward)."""
         gm = self.gm
         for n in nodes:
             args = fx.node.map_arg(n.args, env.__getitem__)
@@ -103,6 +105,8 @@ class ConeRunner:
                 env[n] = obj
             elif n.op == "output":
                 env[n] = args[0]
+            for dead in (free or {}).get(n, ()):
+                env.pop(dead, None)
 
     def dense(self, x: torch.Tensor) -> dict:
         env: dict = {}
@@ -126,10 +130,27 @@ class ConeRunner:
             self._cones[name] = [n for n in self.nodes if n in dirty]
         return self._cones[name]
 
+    def _frees(self, name: str) -> dict:
+        """For the cone of ``name``: node -> cone values whose last use it is."""
+        key = ("free", name)
+        if key not in self._cones:
+            cone = self.cone(name)
+            last: dict = {}
+            for n in cone:
+                for a in n.all_input_nodes:
+                    last[a] = n
+            out_node = self.nodes[-1]
+            free: dict = {}
+            for value, user in last.items():
+                if value in cone and value is not out_node:
+                    free.setdefault(user, []).append(value)
+            self._cones[key] = free  # type: ignore[assignment]
+        return self._cones[key]  # type: ignore[return-value]
+
     def run_cone(self, env: dict, name: str, module: nn.Module) -> torch.Tensor:
         local = dict(env)
         with swapped(self.gm, name, module):
-            self._run(self.cone(name), local)
+            self._run(self.cone(name), local, self._frees(name))
         return self.output(local)
 
     def bn_in_cone(self, name: str) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -291,9 +312,12 @@ def sensitivity(
         recal_check = dense_recal_shift(model, images, recal_images, batch_size)
         bn_recal = recal_check["kl"] <= RECAL_KL_LIMIT
     todo = [la for la in space.compressible(inv) if layers is None or la.name in layers]
+    data_digest = hashlib.sha256(images.detach().cpu().contiguous().numpy().tobytes())
+    data_digest.update(labels.detach().cpu().contiguous().numpy().tobytes())
     key_doc = {
         "fingerprint": inv.fingerprint,
         "weights": model_digest(model),
+        "data_digest": data_digest.hexdigest()[:16],
         "input_size": list(inv.input_size),
         "space": space.digest,
         "layers": [la.name for la in todo],

@@ -189,7 +189,7 @@ def test_three_workers_on_postgresql(pg_url, tmp_path):
     study_name = f"dist-{uuid.uuid4().hex[:8]}"
     try:
         reports = run_workers(tmp_path, 3, pg_url, study_name, trials=8)
-        print(reports)
+        print("postgresql:", reports)
         study = optuna.load_study(study_name=study_name, storage=pg_url)
         check_shared_study(study, reports, trials=8)
     finally:
@@ -203,6 +203,7 @@ def test_three_workers_on_postgresql(pg_url, tmp_path):
 def test_two_workers_on_a_journal_file(tmp_path):
     spec = f"journal:{tmp_path / 'study.log'}"
     reports = run_workers(tmp_path, 2, spec, "s", trials=8)
+    print("journal:", reports)
     check_shared_study(optuna.load_study(study_name="s", storage=get_storage(spec, tmp_path)),
                        reports, trials=8)
 
@@ -293,7 +294,7 @@ def test_ray_backend_interrupted_then_resumed_with_a_larger_total(tmp_path):
     trials = optuna.load_study(study_name="s", storage=url).get_trials()
     before = {t.number: t.values for t in trials if t.state == TrialState.COMPLETE}
     running = [t.number for t in trials if t.state == TrialState.RUNNING]
-    assert 3 <= len(before) < 6
+    assert 3 <= len(before) < 6 and running  # stopped midway, with trials in flight
     assert (out / "ray_results" / "s").is_dir()
 
     cfg.trials, cfg.resume = 9, True
@@ -313,7 +314,8 @@ def test_ray_backend_interrupted_then_resumed_with_a_larger_total(tmp_path):
         cost = ah.Allocation.for_inventory(inv, trial_layers(t)).cost(inv)
         assert cost.params_fraction == pytest.approx(t.values[1])
         assert t.values[0] == pytest.approx(t.user_attrs["kl"])
-    print(f"ray: interrupted run {first:.0f} s, resumed run {time.time() - t0 - first:.0f} s")
+    print(f"ray: interrupted at {len(before)} complete + {len(running)} running "
+          f"({first:.0f} s); resumed to 9 ({time.time() - t0 - first:.0f} s)")
 
 
 # -- storage URLs -----------------------------------------------------------------------------
@@ -325,4 +327,14 @@ def test_password_is_masked_in_urls_and_errors(tmp_path):
     assert "secret" not in str(e.value) and "127.0.0.1:1" in str(e.value)
     SearchConfig(storage=url).save(tmp_path / "config.yaml")
     assert "secret" not in (tmp_path / "config.yaml").read_text()
+
+
+def test_unreachable_ray_address_is_a_config_error(tmp_path):
+    pytest.importorskip("ray")
+    from autohybrid.search.ray_backend import run_ray
+
+    cfg, storage, ps, ev, warm, _ = build(tmp_path, None, trials=2, backend="ray",
+                                          ray_address="127.0.0.1:1")
+    with pytest.raises(ConfigError, match="cannot reach Ray at '127.0.0.1:1'"):
+        run_ray(cfg, storage, "s", ps, ev, None, IDENTITY, warm)
 

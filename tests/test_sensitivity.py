@@ -83,7 +83,7 @@ def test_cache_and_resume(setup, tmp_path):
     full = run(setup)
     cols = ["loss", "kl"]
     assert (abs(resumed.df[cols].values - full.df[cols].values) < 1e-6).all()
-    other = run(setup, out_dir=tmp_path, bn_recal=False)  # another key: recomputed
+    other = run(setup, out_dir=tmp_path, key_extra={"data": "other"})  # another key
     assert not other.meta.get("cached")
     again = SensitivityTable.load(tmp_path)
     assert again.meta["key"] == other.meta["key"]

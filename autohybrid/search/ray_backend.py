@@ -64,7 +64,7 @@ __all__ = ["run_ray"]
 
 # Quiet and offline: no usage stats, no dashboard, no Tune tables or result loggers.
 QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0",
-             "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1", "RAY_DEDUP_LOGS": "0"}
+             "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 ALLOCATION, FRACTION = "allocation", "fraction"  # the config keys a trainable gets
 RESULTS = "ray_results"
 
@@ -92,6 +92,10 @@ def run_ray(
     ss = _RayStudy(cfg, storage, study_name, ps, _ScoreOnRay(), surrogate, identity,
                    keep=None if restore else set())
     ss.open(warm)
+    if not ss.leader:
+        # a continued study: a sampler seeded as when the study began draws the parameters
+        # of its first trials again (NSGA-II's random first generation); draw new ones
+        ss.study.sampler.reseed_rng()
     driver = _Driver(ss)
     started = _init_ray(cfg)
     _ACTIVE = driver
@@ -101,6 +105,8 @@ def run_ray(
         trainable = tune.with_parameters(_trainable, shared=shared)
         with _progress(cfg) as on_trial:
             driver.on_trial = on_trial
+            if cfg.resume and not restore:
+                console.print(f"no Ray Tune experiment to resume in {path}; starting one")
             if restore:
                 console.print(f"resuming the Ray Tune experiment {path}")
                 _fit(driver, tune.Tuner.restore(str(path), trainable, resume_errored=True),
@@ -124,6 +130,9 @@ def _init_ray(cfg: SearchConfig) -> bool:
     if ray.is_initialized():
         return False
     quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
+    if cfg.ray_address and not _reachable(cfg.ray_address):  # ray.init would retry for minutes
+        raise ConfigError(f"cannot reach Ray at {cfg.ray_address!r}; start it with `ray start "
+                          "--head` there, or leave out --ray-address for a local Ray")
     try:
         if cfg.ray_address:
             ray.init(address=cfg.ray_address, **quiet)
@@ -133,6 +142,18 @@ def _init_ray(cfg: SearchConfig) -> bool:
         where = cfg.ray_address or "a local Ray instance"
         raise ConfigError(f"cannot start Ray on {where}: {str(e).splitlines()[0][:200]}; "
                           "check --ray-address (e.g. 'auto' after `ray start --head`)") from None
+    return True
+
+
+def _reachable(address: str, timeout: float = 5.0) -> bool:
+    """False when ``[ray://]HOST:PORT`` refuses connections; True for anything else (auto)."""
+    m = re.fullmatch(r"(?:ray://)?\[?([\w.:-]+?)\]?:(\d+)", address)
+    if not m:
+        return True
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=timeout).close()
+    except OSError:
+        return False
     return True
 
 
@@ -281,7 +302,6 @@ class _StudySearch(OptunaSearch):
     def _attach(self, driver: _Driver) -> None:
         self._driver, self._space = driver, self._define
         self._ot_study, self._ot_trials = driver.ss.study, {}
-        self._sampler, self._storage = driver.ss.study.sampler, driver.ss.storage
         driver.searcher = self
 
     def _setup_study(self, mode) -> None:  # the study exists already: SearchStudy.open
