@@ -62,7 +62,7 @@ def _load(cfg: SearchConfig):
                       "(no --model given)")
         cfg.model, cfg.checkpoint = DEMO_MODEL, str(demo_checkpoint())
         cfg.data, cfg.input_size = DEMO_DATA, list(DEMO_INPUT)
-        cfg.calib = min(cfg.calib, 512)
+        cfg.calib = min(cfg.calib, 256)
     model = create_model(cfg.model, num_classes=cfg.num_classes, checkpoint=cfg.checkpoint,
                          **cfg.model_args).eval()
     size = tuple(cfg.input_size) if cfg.input_size else model_input_size(model)
