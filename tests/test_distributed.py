@@ -1,9 +1,9 @@
 """Many workers on one study (PostgreSQL, journal file), a worker killed with SIGKILL, the Ray
 backend with an interrupted and resumed Tune experiment, and storage URLs with passwords.
 
-Workers are forked processes (separate pids, storages and connections; killable), on a tiny
-setup: CIFAR ResNet-20 with random weights, 32 random images,
-the six convs of layer3 searched, no sensitivity table, no surrogate, no fine-tuning.
+Workers are forked processes (their own pids, storages and connections; killable; no second
+round of imports), on a tiny setup: CIFAR ResNet-20 with random weights, 32 random images, the
+six convs of layer3 searched, no sensitivity table, no surrogate, no fine-tuning.
 """
 
 from __future__ import annotations
@@ -158,8 +158,20 @@ def check_shared_study(study: optuna.Study, reports: list[dict], trials: int) ->
     assert front and {tuple(t.values) for t in front} == brute_front(all_trials, BUDGET)
     assert len(front) == len({tuple(t.values) for t in front})
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
-        assert all(k in t.user_attrs for k in ATTRS)
-        assert t.values[1] <= BUDGET + 1e-12 and t.user_attrs["constraint"] <= 1e-12
+        check_complete(t)
+
+
+def check_complete(t: FrozenTrial) -> bool:
+    """Every complete trial is evaluated, within the budget and carries every user attr, or
+    is infeasible: as SearchStudy.objective makes it when the parameters cannot be repaired
+    into the budget, complete at quality 1e9 and never evaluated. True when evaluated."""
+    if t.user_attrs.get("infeasible"):
+        assert t.values[0] == 1e9 and t.user_attrs["constraint"] > 0
+        assert "top1" not in t.user_attrs and "ray_trial" not in t.user_attrs
+        return False
+    assert all(k in t.user_attrs for k in ATTRS), sorted(t.user_attrs)
+    assert t.values[1] <= BUDGET + 1e-12 and t.user_attrs["constraint"] <= 1e-12
+    return True
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------
@@ -306,11 +318,10 @@ def test_ray_backend_interrupted_then_resumed_with_a_larger_total(tmp_path):
     # the trials Tune had running were run again by the restored experiment, as themselves
     assert all(trials[n].state == TrialState.COMPLETE for n in running)
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.FAIL)]
-    assert len({t.user_attrs["ray_trial"] for t in done}) == 9
     assert [t.user_attrs.get("warm_start") for t in trials].count("uniform") == 1
-    for t in done:
-        assert all(k in t.user_attrs for k in ATTRS), sorted(t.user_attrs)
-        assert t.values[1] <= BUDGET + 1e-12 and t.user_attrs["constraint"] <= 1e-12
+    evaluated = [t for t in done if check_complete(t)]  # infeasible ones never reach Ray
+    assert len({t.user_attrs["ray_trial"] for t in evaluated}) == len(evaluated)
+    for t in evaluated:
         cost = ah.Allocation.for_inventory(inv, trial_layers(t)).cost(inv)
         assert cost.params_fraction == pytest.approx(t.values[1])
         assert t.values[0] == pytest.approx(t.user_attrs["kl"])

@@ -75,6 +75,7 @@ def run_search(cfg: SearchConfig) -> Path:
 
     t0 = time.time()
     cfg.validate()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says it all
     out = Path(cfg.out)
     model, size = _load(cfg)
     data = load_data(cfg.data, model, input_size=size)
@@ -168,8 +169,8 @@ class _progress:
         best = f"best {self.cfg.quality} {min(feas):.4g}" if feas else ""
         pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in
                      study.get_trials(deepcopy=False))
-        self.p.update(self.task, completed=min(len(done), self.cfg.trials),
-                      description=f"{best}  screened {pruned}")
+        self.p.update(self.task, completed=min(len(feas), self.cfg.trials),
+                      description=f"{best}  screened {pruned}  over budget {len(done) - len(feas)}")
 
     def __exit__(self, *exc):
         self.p.__exit__(*exc)

@@ -131,6 +131,10 @@ class SearchStudy:
     def completed(self) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
+    def feasible(self) -> list[FrozenTrial]:
+        """Evaluated trials within the budget: what ``--trials`` counts."""
+        return [t for t in self.completed() if t.user_attrs.get("constraint", 1) <= 0]
+
     # -- one trial ------------------------------------------------------------------------
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr("host", socket.gethostname())
@@ -172,7 +176,7 @@ class SearchStudy:
     def _screen(self, predicted: float, frac: float) -> bool:
         if not self.cfg.screen or self._screened_in_a_row >= MAX_SCREENED_IN_A_ROW:
             return False
-        done = [t for t in self.completed() if t.user_attrs.get("constraint", 1) <= 0]
+        done = self.feasible()
         if len(done) < SCREEN_AFTER:
             return False
         best = min((t.values[0] for t in done if t.values[1] <= frac + 1e-9), default=None)
@@ -201,11 +205,10 @@ class SearchStudy:
             if self.on_trial:
                 self.on_trial(trial, study)
             states = study.get_trials(deepcopy=False)
-            complete = sum(t.state == TrialState.COMPLETE for t in states)
-            if complete >= target or len(states) >= 5 * target + 20:
+            if len(self.feasible()) >= target or len(states) >= 5 * target + 20:
                 study.stop()
 
-        if len(self.completed()) < target:
+        if len(self.feasible()) < target:
             self.refit_surrogate()
             self.study.optimize(self.objective, callbacks=[callback], catch=(NumericalError,),
                                 gc_after_trial=False)
