@@ -169,8 +169,9 @@ class _progress:
         best = f"best {self.cfg.quality} {min(feas):.4g}" if feas else ""
         pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in
                      study.get_trials(deepcopy=False))
+        over = len(done) - len(feas)
         self.p.update(self.task, completed=min(len(feas), self.cfg.trials),
-                      description=f"{best}  screened {pruned}  over budget {len(done) - len(feas)}")
+                      description=f"{best}  screened {pruned}  over budget {over}")
 
     def __exit__(self, *exc):
         self.p.__exit__(*exc)
