@@ -353,8 +353,9 @@ class _StudySearch(OptunaSearch):
             if complete + len(self._live) >= d.target:
                 return None  # the running trials may reach the total
             try:
-                with warnings.catch_warnings():  # ask() on an RDB storage with a heartbeat
-                    warnings.filterwarnings("ignore", "Heartbeat of storage")
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Heartbeat of storage")  # ask() on RDB
+                    warnings.filterwarnings("ignore", "Define-by-run function")  # repair: ok
                     config = super().suggest(trial_id)
             except _Settled as s:
                 d.tell(self._ot_trials.pop(trial_id).number, s.state, s.values)
