@@ -6,7 +6,9 @@ its trial is failed after the grace period and retried with the same parameters.
 
 from __future__ import annotations
 
+import random
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -47,6 +49,17 @@ def get_storage(spec: str | None, out_dir: str | Path) -> optuna.storages.BaseSt
         )
     retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
     retry = retry or optuna.storages.RetryFailedTrialCallback
+    for attempt in range(5):  # workers starting together race to create the tables
+        try:
+            return _rdb(spec, retry)
+        except ConfigError:
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + random.random())
+    raise AssertionError("unreachable")
+
+
+def _rdb(spec: str, retry) -> RDBStorage:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

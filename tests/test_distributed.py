@@ -13,10 +13,12 @@ import multiprocessing
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import optuna
@@ -117,6 +119,9 @@ def finish(proc: multiprocessing.Process, out: Path, timeout: float = 150) -> di
 
 
 def run_workers(tmp_path: Path, n: int, storage: str, study: str, trials: int) -> list[dict]:
+    # the schema first: workers creating the tables of an empty database at the same time
+    # collide (UniqueViolation / "table studies already exists": get_storage does not retry)
+    get_storage(storage, tmp_path)
     ready = tmp_path / "ready"
     ready.mkdir()
     outs = [tmp_path / f"w{i}" for i in range(n)]
@@ -222,13 +227,18 @@ def test_two_workers_on_a_journal_file(tmp_path):
 
 # -- SIGKILL ----------------------------------------------------------------------------------
 def _poll(url: str, until, timeout: float = 120) -> list[FrozenTrial]:
-    """The trials of study "s" at ``url`` once ``until(trials)``, polled every 0.1 s."""
-    storage, deadline = None, time.time() + timeout
+    """The trials of study "s" in the SQLite file at ``url`` once ``until(trials)``, polled
+    every 0.1 s. Opens the storage only once the worker has created its schema: RDBStorage
+    creates missing tables, and two processes doing that at once collide."""
+    path, storage, deadline = url.removeprefix("sqlite:///"), None, time.time() + timeout
     while time.time() < deadline:
         try:
-            storage = storage or optuna.storages.RDBStorage(url)
+            if storage is None:
+                with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+                    ready = db.execute("SELECT 1 FROM alembic_version").fetchone()
+                storage = optuna.storages.RDBStorage(url) if ready else None
             trials = optuna.load_study(study_name="s", storage=storage).get_trials()
-        except Exception:  # no database or study yet, or sqlite busy
+        except Exception:  # no database, schema or study yet, or sqlite busy
             trials = []
         if trials and until(trials):
             return trials
@@ -277,16 +287,22 @@ def test_sigkilled_worker_resumes_without_losing_trials(tmp_path):
 
 
 # -- Ray --------------------------------------------------------------------------------------
-def _interrupt_after(url: str, complete: int) -> threading.Thread:
-    """SIGINT to this process once ``complete`` trials are complete (Tune stops gracefully)."""
+class _Interrupter(threading.Thread):
+    """Sends SIGINT to this process (as Ctrl-C would; Tune stops gracefully) once ``complete``
+    trials are complete, unless ``done`` is set first."""
 
-    def watch():
-        _poll(url, lambda ts: _count(ts, TrialState.COMPLETE) >= complete, timeout=240)
-        os.kill(os.getpid(), signal.SIGINT)
+    def __init__(self, url: str, complete: int):
+        super().__init__(daemon=True)
+        self.url, self.complete, self.done = url, complete, threading.Event()
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+    def run(self):
+        try:
+            _poll(self.url, lambda ts: self.done.is_set()
+                  or _count(ts, TrialState.COMPLETE) >= self.complete, timeout=240)
+        except AssertionError:
+            return
+        if not self.done.is_set():
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def test_ray_backend_interrupted_then_resumed_with_a_larger_total(tmp_path):
@@ -294,26 +310,30 @@ def test_ray_backend_interrupted_then_resumed_with_a_larger_total(tmp_path):
     from autohybrid.search.ray_backend import run_ray
 
     out = tmp_path / "ray"
-    cfg, storage, ps, ev, warm, inv = build(out, None, trials=6, slow=0.5, backend="ray",
+    cfg, storage, ps, ev, warm, inv = build(out, None, trials=8, slow=0.5, backend="ray",
                                             concurrency=2)
     url = f"sqlite:///{out / 'study.db'}"
-    watcher = _interrupt_after(url, complete=3)
+    interrupter = _Interrupter(url, complete=3)
+    interrupter.start()
     t0 = time.time()
-    with pytest.raises(KeyboardInterrupt):
-        run_ray(cfg, storage, "s", ps, ev, None, IDENTITY, warm)
-    watcher.join(5)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_ray(cfg, storage, "s", ps, ev, None, IDENTITY, warm)
+    finally:
+        interrupter.done.set()
+        interrupter.join(5)
     first = time.time() - t0
     trials = optuna.load_study(study_name="s", storage=url).get_trials()
     before = {t.number: t.values for t in trials if t.state == TrialState.COMPLETE}
     running = [t.number for t in trials if t.state == TrialState.RUNNING]
-    assert 3 <= len(before) < 6 and running  # stopped midway, with trials in flight
+    assert 3 <= len(before) < 8 and running  # stopped midway, with trials in flight
     assert (out / "ray_results" / "s").is_dir()
 
-    cfg.trials, cfg.resume = 9, True
+    cfg.trials, cfg.resume = 10, True
     study = run_ray(cfg, storage, "s", ps, ev, None, IDENTITY, warm)
     trials = study.get_trials()
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(done) == 9  # one driver: the searcher stops at the total exactly
+    assert len(done) == 10  # one driver: the searcher stops at the total exactly
     assert all({t.number: t.values for t in done}[n] == v for n, v in before.items())
     # the trials Tune had running were run again by the restored experiment, as themselves
     assert all(trials[n].state == TrialState.COMPLETE for n in running)
@@ -326,7 +346,7 @@ def test_ray_backend_interrupted_then_resumed_with_a_larger_total(tmp_path):
         assert cost.params_fraction == pytest.approx(t.values[1])
         assert t.values[0] == pytest.approx(t.user_attrs["kl"])
     print(f"ray: interrupted at {len(before)} complete + {len(running)} running "
-          f"({first:.0f} s); resumed to 9 ({time.time() - t0 - first:.0f} s)")
+          f"({first:.0f} s); resumed to 10 ({time.time() - t0 - first:.0f} s)")
 
 
 # -- storage URLs -----------------------------------------------------------------------------

@@ -6,12 +6,14 @@ How the pieces fit:
   path (same storage and name, two "minimize" objectives, settings check, warm starts enqueued
   once, dead trials recovered).
 - Ray Tune asks that study for trials through ``OptunaSearch`` (``_StudySearch``, a thin
-  subclass). Its define-by-run function is ``SearchStudy.objective`` itself, run in the driver
-  up to the point where the allocation would be scored: ``ps.suggest``, decode + repair to the
-  budget (or a warm start's fixed allocation), the cost attrs and the budget constraint, the
-  surrogate screen. These are cheap, screening needs the study (it compares with the completed
-  trials), and the constraint must be on the trial before it is told (the samplers are
-  constrained). Infeasible and screened trials are told at once and never reach Ray.
+  subclass handed the opened study itself rather than ``storage=``/``study_name=``, so the
+  sampler and directions are exactly the Optuna path's). Its define-by-run function is
+  ``SearchStudy.objective`` itself, run in the driver up to the point where the allocation
+  would be scored: ``ps.suggest``, decode + repair to the budget (or a warm start's fixed
+  allocation), the cost attrs and the budget constraint, the surrogate screen. These are
+  cheap, screening needs the study (it compares with the completed trials), and the
+  constraint must be on the trial before it is told (the samplers are constrained).
+  Infeasible and screened trials are told at once and never reach Ray.
 - The Ray trainable scores the allocation on a worker. The evaluator (model, calibration
   tensors, reference logits) goes to the object store once (``ray.put``, handed over with
   ``tune.with_parameters``) and each worker keeps it, with its cache of compressed layers,
@@ -27,7 +29,8 @@ How the pieces fit:
   workers share the study. A killed trial process is retried by Ray (``max_failures=2``).
 - ``--resume`` restores the interrupted Tune experiment in ``OUT/ray_results/STUDY``: the
   trials it had running run again under their own Optuna trials (which therefore stay RUNNING
-  until then); if the total is still not reached, a fresh experiment continues the study.
+  until then), at the concurrency it was started with; if the total is still not reached, a
+  fresh experiment continues the study.
   Without ``--resume`` a fresh experiment replaces the old one, and trials the dead driver had
   running are failed and enqueued again, as on the Optuna path.
 """

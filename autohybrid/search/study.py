@@ -102,6 +102,7 @@ class SearchStudy:
                 study.enqueue_trial(self.ps.params_for(layers), user_attrs={
                     "warm_start": name, "allocation": _dump(layers)})
         else:
+            study.sampler.reseed_rng()  # same seed in every worker would repeat its trials
             theirs = {k: study.user_attrs.get(k) for k in STUDY_KEYS}
             diff = [k for k in STUDY_KEYS if theirs[k] is not None and theirs[k] != mine[k]]
             if diff:
@@ -123,7 +124,10 @@ class SearchStudy:
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if t.user_attrs.get("host") != host or _alive(t.user_attrs.get("pid", -1)):
                 continue
-            self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            try:
+                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker recovered it first
             attrs = {k: v for k, v in t.user_attrs.items() if k in ("warm_start", "allocation")}
             attrs["retry_of"] = t.number
             self.study.enqueue_trial(t.params, user_attrs=attrs)
