@@ -152,9 +152,11 @@ def check_shared_study(study: optuna.Study, reports: list[dict], trials: int) ->
     assert not [t.number for t in all_trials if t.state in (TrialState.RUNNING,
                                                             TrialState.WAITING)]
     complete = {t.number for t in all_trials if t.state == TrialState.COMPLETE}
-    # each worker stops when, after one of its trials, it sees the total reached; trials the
-    # other workers were running then still finish: up to (workers - 1) above the total
-    assert trials <= len(complete) <= trials + len(reports) - 1
+    # --trials counts feasible (evaluated) trials, not the infeasible ones recorded beside
+    # them; each worker stops when, after one of its trials, it sees the total reached, and
+    # trials the other workers were running then still finish: up to (workers - 1) above it
+    feasible = [t for t in all_trials if t.state == TrialState.COMPLETE and check_complete(t)]
+    assert trials <= len(feasible) <= trials + len(reports) - 1
     ran = [n for r in reports for n in r["complete"]]
     assert sorted(ran) == sorted(complete)  # nothing lost, nothing recorded twice
     pids = {t.user_attrs["pid"] for t in all_trials if t.state == TrialState.COMPLETE}
