@@ -16,6 +16,10 @@ if [ -z "${AUTOHYBRID_TEST_PG:-}" ] && [ -f scripts/postgres.sh ]; then
         echo "warning: could not start PostgreSQL; its tests will fail in CI, skip elsewhere" >&2
     fi
 fi
+# Headless Chromium for the test that checks report.html draws (installed if missing).
+if [ -f scripts/chromium.sh ] && ! bash scripts/chromium.sh; then
+    echo "warning: no chromium; the report rendering test will fail in CI, skip elsewhere" >&2
+fi
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 import autohybrid as ah
 from autohybrid.config import SearchConfig
@@ -86,3 +95,85 @@ def test_rerun_resumes_without_new_work(run):
                                storage=f"sqlite:///{out / 'study.db'}").trials)
     assert n2 == n
     pd.testing.assert_frame_equal(before, after)
+
+
+# -- the report in a real browser -------------------------------------------------------------
+# Appended to a copy of report.html: measures every <svg> once the page has laid out and
+# writes the numbers into the DOM, which --dump-dom prints.
+PROBE = """<pre id="probe"></pre><script>
+const out = [...document.querySelectorAll("svg")].map(s => {
+  const r = s.getBoundingClientRect();
+  const marks = [...s.querySelectorAll("path, use, rect, image")].filter(e => {
+    const b = e.getBoundingClientRect(); return b.width > 0 || b.height > 0; }).length;
+  return {x: r.left + scrollX, y: r.top + scrollY, w: r.width, h: r.height, marks: marks};
+});
+document.getElementById("probe").textContent = JSON.stringify(
+  {svgs: out, width: document.documentElement.scrollWidth,
+   height: document.documentElement.scrollHeight});
+</script>"""
+
+
+def _chromium() -> str:
+    exe = next((e for e in ("chromium", "chromium-browser", "google-chrome") if shutil.which(e)),
+               None)
+    if exe is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is missing in CI: scripts/test.sh installs it (apt-get)")
+        pytest.skip("no chromium on PATH: run scripts/chromium.sh (Debian package `chromium`)")
+    return exe
+
+
+def _browse(exe: str, page: Path, *args: str) -> str:
+    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+           "--no-first-run", "--disable-extensions", "--allow-file-access-from-files",
+           f"--user-data-dir={page.parent / 'chromium-profile'}", *args, page.as_uri()]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+def _render(exe: str, page: Path) -> tuple[list[dict], np.ndarray]:
+    """Every <svg>'s box and drawn-element count as laid out by Chromium, and a screenshot of
+    the whole page (RGB array) at the same width."""
+    dom = _browse(exe, page, "--window-size=1200,900", "--dump-dom")
+    found = re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S)
+    assert found and found.group(1), "the probe did not run: Chromium did not render the page"
+    probe = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    shot = page.with_suffix(".png")
+    _browse(exe, page, f"--window-size=1200,{int(probe['height']) + 10}",
+            f"--screenshot={shot}")
+    return probe["svgs"], np.asarray(Image.open(shot).convert("RGB")).astype(int)
+
+
+def _ink(pixels: np.ndarray) -> tuple[float, int]:
+    """Fraction of non-white pixels, and the number of coloured (not grey) ones."""
+    ink = (pixels < 235).any(axis=-1).mean()
+    coloured = int(((pixels.max(axis=-1) - pixels.min(axis=-1)) > 60).sum())
+    return float(ink), coloured
+
+
+def test_report_draws_in_headless_chromium(run, tmp_path):
+    """report.html, offline in a real browser: each of its plots lays out at a readable size
+    with its marks drawn, and the pixels inside each plot's box are actually painted."""
+    exe = _chromium()
+    _, out, _ = run
+    html = (out / "report.html").read_text()
+    # offline: no scripts, nothing fetched from anywhere (air-gapped clusters)
+    assert "<script" not in html and not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)
+    page = tmp_path / "report.html"
+    page.write_text(html.replace("</body>", PROBE + "</body>"))
+    svgs, pixels = _render(exe, page)
+    assert len(svgs) == html.count("<svg") >= 3
+    for i, s in enumerate(svgs):
+        assert s["w"] >= 300 and s["h"] >= 200, f"plot {i} collapsed: {s}"
+        assert s["marks"] >= 20, f"plot {i} has almost nothing drawn: {s}"
+        x, y = int(s["x"]), int(s["y"])
+        box = pixels[y:y + int(s["h"]), x:x + int(s["w"])]
+        assert box.size, f"plot {i} lies outside the screenshot: {s}"
+        ink, coloured = _ink(box)
+        assert 0.02 < ink < 0.98 and coloured > 100, f"plot {i} not painted: {ink=} {coloured=}"
+
+    # the same check on the page with its plots removed must fail: it can tell
+    empty = tmp_path / "empty.html"
+    empty.write_text(re.sub(r"<svg.*?</svg>", "", html, flags=re.S).replace(
+        "</body>", PROBE + "</body>"))
+    svgs, pixels = _render(exe, empty)
+    assert svgs == [] and _ink(pixels)[1] < 100
