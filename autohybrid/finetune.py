@@ -359,6 +359,8 @@ def finetune(
         _set_rng_state(state["rng"], device, aug_gen)
         step = int(state["step"])
         loss_sums, loss_counts = list(state["loss_sums"]), list(state["loss_counts"])
+        if progress and step < total:
+            tqdm.write(f"finetune: resuming from {path} at step {step} of {total}")
     elif path is not None:
         atomic_write_text(path.parent / CONFIG_NAME, _yaml(config.to_dict()))
     resumed_from = step

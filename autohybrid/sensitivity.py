@@ -338,6 +338,10 @@ def sensitivity(
     if partial and partial.is_file():
         rows = pd.read_csv(partial, keep_default_na=False).to_dict("records")
     done = {r["layer"] for r in rows}
+    resumed = [la.name for la in todo if la.name in done]
+    if resumed and progress is not False:
+        tqdm.write(f"sensitivity: resuming an interrupted run, {len(resumed)} of {len(todo)} "
+                   f"layers already done ({partial})")
 
     try:
         tracer = ConeRunner(model)
@@ -385,7 +389,7 @@ def sensitivity(
     meta = {
         "key": key, **key_doc, "dense": dense, "model": inv.model_name,
         "seconds": round(time.time() - t0, 2), "method": "naive" if naive else "cached-cone",
-        "bn_recal_check": recal_check,
+        "bn_recal_check": recal_check, "resumed_layers": resumed,
     }
     table = SensitivityTable(pd.DataFrame(rows), meta)
     if out:

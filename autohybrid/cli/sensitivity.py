@@ -37,6 +37,8 @@ def run(args) -> int:
     write_sensitivity_report(table, args.out, args.signal)
     meta = table.meta
     how = "served from cache" if meta.get("cached") else f"computed in {meta['seconds']:.1f} s"
+    if not meta.get("cached") and meta.get("resumed_layers"):
+        how += f" ({len(meta['resumed_layers'])} layers kept from an interrupted run)"
     print(f"{len(table.df)} rows for {table.df.layer.nunique()} layers, {how}; "
           f"BN recalibration {'on' if meta['bn_recal'] else 'off'}"
           + (f" (dense-only recalibration moves KL by {meta['bn_recal_check']['kl']:.4f})"

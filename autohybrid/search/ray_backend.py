@@ -60,7 +60,7 @@ from autohybrid.config import SearchConfig
 from autohybrid.exceptions import ConfigError
 from autohybrid.search.objective import Evaluator, NumericalError
 from autohybrid.search.params import ParamSpace
-from autohybrid.search.study import SearchStudy, _alive, _load
+from autohybrid.search.study import SearchStudy, _alive, _load, _requeue
 from autohybrid.search.surrogate import Surrogate
 
 __all__ = ["run_ray"]
@@ -95,10 +95,6 @@ def run_ray(
     ss = _RayStudy(cfg, storage, study_name, ps, _ScoreOnRay(), surrogate, identity,
                    keep=None if restore else set())
     ss.open(warm)
-    if not ss.leader:
-        # a continued study: a sampler seeded as when the study began draws the parameters
-        # of its first trials again (NSGA-II's random first generation); draw new ones
-        ss.study.sampler.reseed_rng()
     driver = _Driver(ss)
     started = _init_ray(cfg)
     _ACTIVE = driver
@@ -231,9 +227,7 @@ class _RayStudy(SearchStudy):
                     or _alive(t.user_attrs.get("pid", -1))):
                 continue
             self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-            attrs = {k: v for k, v in t.user_attrs.items() if k in ("warm_start", "allocation")}
-            attrs["retry_of"] = t.number
-            self.study.enqueue_trial(t.params, user_attrs=attrs)
+            _requeue(self.study, t)
 
 
 class _Driver:

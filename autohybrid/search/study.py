@@ -23,7 +23,8 @@ from autohybrid.search.params import ParamSpace
 from autohybrid.search.surrogate import Surrogate
 from autohybrid.spec import LayerSpec
 
-__all__ = ["SearchStudy", "pareto_front", "trial_layers", "make_sampler", "STUDY_KEYS"]
+__all__ = ["SearchStudy", "TrialSeededSampler", "pareto_front", "trial_layers", "make_sampler",
+           "STUDY_KEYS"]
 
 STUDY_KEYS = ("fingerprint", "budget", "metric", "space", "quality", "groups", "calib", "seed")
 SCREEN_AFTER = 8
@@ -31,13 +32,66 @@ SCREEN_FACTOR = 2.0
 MAX_SCREENED_IN_A_ROW = 3
 
 
-def make_sampler(cfg: SearchConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg: SearchConfig) -> TrialSeededSampler:
     """The samplers read the budget constraint each trial sets (``Trial.set_constraint``)."""
-    if cfg.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, n_startup_trials=10)
-    if cfg.sampler == "gp":
-        return optuna.samplers.GPSampler(seed=cfg.seed)
-    return optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=cfg.seed)
+
+    def build(seed: int) -> optuna.samplers.BaseSampler:
+        if cfg.sampler == "tpe":
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=10)
+        if cfg.sampler == "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=seed)
+
+    return TrialSeededSampler(build, cfg.seed)
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """Samples each trial with a sampler of its own, seeded with (seed, the trial's index).
+
+    Optuna's samplers draw from one random stream per process. A study continued by a new
+    process (the rerun after a crash) starts that stream over, so it neither proposes what the
+    uninterrupted run would have nor avoids redrawing its own first trials, and workers sharing
+    a study with one seed draw alike. Seeded per trial, the draws of a trial depend only on the
+    seed, its index and the study's history (NSGA-II keeps its generations in the storage): a
+    rerun continues exactly as if never stopped, and workers draw differently because their
+    trials have different indices. The index counts the trials before this one, less those
+    that reran a dead trial's parameters (they draw nothing), so the trials after a recovered
+    crash keep the indices they would have had.
+    """
+
+    def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler], seed: int):
+        self._build, self._seed = build, seed
+        self._samplers: dict[int, optuna.samplers.BaseSampler] = {}  # trial id -> sampler
+
+    def _for(self, study: optuna.Study, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        if trial._trial_id not in self._samplers:
+            earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
+            index = sum(not _is_retry(t) for t in earlier)
+            seed = np.random.SeedSequence([self._seed, index]).generate_state(1)[0]
+            self._samplers[trial._trial_id] = self._build(int(seed))
+        return self._samplers[trial._trial_id]
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._for(study, trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._for(study, trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._for(study, trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._for(study, trial).sample_independent(study, trial, param_name,
+                                                          param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._for(study, trial).after_trial(study, trial, state, values)
+        self._samplers.pop(trial._trial_id, None)
+
+
+def _is_retry(t: FrozenTrial) -> bool:
+    """A trial that reruns a dead one (ours, or Optuna's heartbeat retry)."""
+    return "retry_of" in t.user_attrs or "failed_trial" in t.system_attrs
 
 
 def trial_layers(trial: FrozenTrial) -> dict[str, LayerSpec]:
@@ -102,7 +156,6 @@ class SearchStudy:
                 study.enqueue_trial(self.ps.params_for(layers), user_attrs={
                     "warm_start": name, "allocation": _dump(layers)})
         else:
-            study.sampler.reseed_rng()  # same seed in every worker would repeat its trials
             theirs = {k: study.user_attrs.get(k) for k in STUDY_KEYS}
             diff = [k for k in STUDY_KEYS if theirs[k] is not None and theirs[k] != mine[k]]
             if diff:
@@ -128,9 +181,7 @@ class SearchStudy:
                 self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker recovered it first
-            attrs = {k: v for k, v in t.user_attrs.items() if k in ("warm_start", "allocation")}
-            attrs["retry_of"] = t.number
-            self.study.enqueue_trial(t.params, user_attrs=attrs)
+            _requeue(self.study, t)
 
     def completed(self) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -217,6 +268,20 @@ class SearchStudy:
             self.study.optimize(self.objective, callbacks=[callback], catch=(NumericalError,),
                                 gc_after_trial=False)
         return self.study
+
+
+def _requeue(study: optuna.Study, t: FrozenTrial) -> None:
+    """Enqueue dead trial ``t`` again: its parameters, its decided allocation, and its system
+    attrs, as Optuna's own retry callback does. These hold the trial's NSGA-II generation,
+    which an enqueued trial never gets (it samples nothing): without it the rerun would not
+    count towards its generation, and every later generation would shift by one trial."""
+    attrs = {k: v for k, v in t.user_attrs.items() if k in ("warm_start", "allocation")}
+    attrs["retry_of"] = t.number
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, user_attrs=attrs,
+        system_attrs={**t.system_attrs,
+                      "fixed_params": {**t.system_attrs.get("fixed_params", {}), **t.params}},
+    ))
 
 
 def _dump(layers: dict[str, LayerSpec]) -> str:
