@@ -1,0 +1,230 @@
+"""The eight allocations that ``compare.py`` puts side by side, each a function of one model
+context and one (metric, budget) cell returning per-layer specs, or None with a reason.
+
+All of them come from the package (warm starts, ``search_level``, ``SearchStudy``) except the
+global magnitude baseline, which runs ``torch.nn.utils.prune.global_unstructured`` for real and
+only then expresses the resulting masks as an allocation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+import pandas as pd
+import torch
+from torch.nn.utils import prune
+
+from autohybrid.allocation import search_level
+from autohybrid.config import SearchConfig
+from autohybrid.cost import allocation_cost
+from autohybrid.exceptions import BudgetError
+from autohybrid.methods import HYBRID, METHODS, LowRankMethod
+from autohybrid.search import warm_start
+from autohybrid.search.params import ParamSpace, group_layers
+from autohybrid.search.run import smallest_fraction
+from autohybrid.search.study import SearchStudy, pareto_front, trial_layers
+from autohybrid.search.surrogate import Surrogate
+from autohybrid.search_space import SearchSpace
+from autohybrid.spec import LayerSpec
+from autohybrid.storage import get_storage
+
+LOWRANK_METHODS = frozenset(n for n, m in METHODS.items() if isinstance(m, LowRankMethod))
+SPARSE_ONLY = frozenset({"sparse"})
+
+# name -> (label in tables, kind); kind: search | greedy | fixed
+METHOD_INFO = {
+    "autohybrid": ("autohybrid (L+S, searched)", "search"),
+    "searched_sparse": ("searched, sparse only", "search"),
+    "searched_lowrank": ("searched, low-rank only", "search"),
+    "uniform_ls": ("uniform L+S", "fixed"),
+    "uniform_lowrank": ("uniform low-rank", "fixed"),
+    "global_magnitude": ("global magnitude (torch prune)", "fixed"),
+    "greedy": ("greedy (AIMET-style)", "greedy"),
+    "error_threshold": ("error threshold (ALDS-style)", "greedy"),
+}
+
+
+@dataclass
+class Result:
+    """Per-layer specs (None when the method cannot reach the cell) and what it took."""
+
+    layers: dict[str, LayerSpec] | None
+    evaluations: int = 0  # full-model evaluations on the calibration subset
+    reason: str = ""
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+def restrict(space: SearchSpace, keep: frozenset[str] | None) -> SearchSpace:
+    """``space`` with each layer kind's candidate methods cut to ``keep`` (None: unchanged)."""
+    if keep is None:
+        return space
+    methods = {k: [m for m in ms if m in keep] for k, ms in space.methods.items()}
+    return dataclasses.replace(space, name=f"{space.name}-restricted",
+                               methods={k: v for k, v in methods.items() if v})
+
+
+def allowed(space: SearchSpace, inv, layers: dict[str, LayerSpec]) -> bool:
+    """Every spec uses a method the space allows for that layer's kind."""
+    return all(s.method in space.methods.get(inv[n].kind, []) for n, s in layers.items())
+
+
+def table_for(space: SearchSpace, inv, df: pd.DataFrame) -> pd.DataFrame:
+    """Sensitivity rows of the candidates ``space`` allows (one table serves every search)."""
+    keep = df.apply(lambda r: r["method"] in space.methods.get(inv[r["layer"]].kind, []), axis=1)
+    return df[keep].reset_index(drop=True)
+
+
+def param_space(ctx, space: SearchSpace, metric: str, df: pd.DataFrame) -> ParamSpace:
+    groups = group_layers(space, ctx.inv, df, ctx.max_groups, ctx.seed)
+    return ParamSpace(space, ctx.inv, groups, metric)
+
+
+def uniform_with(ps: ParamSpace, pick: Callable, budget: float):
+    """One keep level for every layer (``pick(layer)`` names its method, None leaves it dense),
+    binary-searched to the budget with the package's ``search_level``."""
+    def build(layer, x):
+        m = pick(layer)
+        return ps.spec(layer, m, x) if m else LayerSpec()
+
+    try:
+        specs, level = search_level(ps.inv, build, budget, ps.metric,
+                                    layers=ps.space.compressible(ps.inv))
+    except BudgetError as e:
+        return None, str(e)
+    return {n: s for n, s in specs.items() if s.method != "dense"}, f"level {level:.4f}"
+
+
+def lowrank_pick(space: SearchSpace):
+    """The space's factorization for the layer's kind if allowed and applicable, else the
+    first allowed low-rank method that applies, else None (the layer stays dense)."""
+    def pick(layer):
+        allowed_here = space.methods.get(layer.kind, [])
+        order = [space.factorizations.get(layer.kind), *allowed_here]
+        return next((m for m in order if m in LOWRANK_METHODS and m in allowed_here
+                     and METHODS[m].applies_to(layer)), None)
+    return pick
+
+
+# -- the fixed and greedy baselines ------------------------------------------------------------
+def uniform_ls(ctx, metric, budget) -> Result:
+    ps = param_space(ctx, ctx.space, metric, ctx.table)
+    layers = warm_start.uniform(ps, budget)
+    return Result(layers, reason="" if layers else "uniform L+S cannot reach the budget")
+
+
+def uniform_lowrank(ctx, metric, budget) -> Result:
+    ps = param_space(ctx, ctx.space, metric, ctx.table)
+    layers, note = uniform_with(ps, lowrank_pick(ctx.space), budget)
+    return Result(layers, reason="" if layers else note, extra={"note": note})
+
+
+def greedy(ctx, metric, budget, column: str = "kl") -> Result:
+    ps = param_space(ctx, ctx.space, metric, ctx.table)
+    layers = warm_start.threshold(ps, ctx.table, column, budget)
+    return Result(layers, reason="" if layers else f"no {column} threshold fits the budget")
+
+
+def error_threshold(ctx, metric, budget) -> Result:
+    return greedy(ctx, metric, budget, "rel_error")
+
+
+def global_magnitude(ctx, metric, budget) -> Result:
+    """``prune.global_unstructured`` (L1) over the searched layers' weights; the amount is
+    binary-searched (fewest pruned weights whose allocation fits), then each layer's mask
+    becomes a ``sparse`` spec with exactly its zero count."""
+    names = [la.name for la in ctx.space.compressible(ctx.inv)]
+    total = sum(ctx.inv[n].weight_numel for n in names)
+
+    def masks(amount: int) -> dict[str, torch.Tensor]:
+        m = copy.deepcopy(ctx.model)
+        params = [(m.get_submodule(n), "weight") for n in names]
+        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
+        return {n: m.get_submodule(n).weight_mask.detach().clone() for n in names}
+
+    def specs(ms: dict[str, torch.Tensor]) -> dict[str, LayerSpec]:
+        out = {}
+        for n, mk in ms.items():
+            zeros = int((mk == 0).sum())
+            if zeros:
+                out[n] = LayerSpec("sparse", sparsity=zeros / mk.numel())
+        return out
+
+    def frac(amount: int) -> float:
+        return allocation_cost(ctx.inv, specs(masks(amount))).fraction(metric)
+
+    if frac(total - 1) > budget:
+        return Result(None, reason="pruning every weight but one still exceeds the budget")
+    lo, hi = 0, total - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if frac(mid) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    ms = masks(lo)
+    return Result(specs(ms), extra={"pruned_weights": lo, "searched_weights": total,
+                                    "masks": ms})
+
+
+# -- the searches --------------------------------------------------------------------------------
+def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None) -> Result:
+    """The package's study (NSGA-II, budget repair, warm starts, surrogate screening) on the
+    space restricted to ``keep``, stored in ``ctx.db``; the best within-budget trial wins."""
+    space = restrict(ctx.space, keep)
+    df = table_for(space, ctx.inv, ctx.table)
+    ps = param_space(ctx, space, metric, df)
+    low = smallest_fraction(ps)
+    if budget < low:
+        return Result(None, reason=f"smallest fraction this space reaches is {low:.3f}")
+    warm = {k: v for k, v in warm_start.warm_starts(ps, df, ctx.model, budget).items()
+            if allowed(space, ctx.inv, v)}
+    if keep is not None and "uniform" not in warm:  # the package's uniform start is L+S
+        pick = (lambda la: "sparse") if keep == SPARSE_ONLY else lowrank_pick(space)
+        layers, _ = uniform_with(ps, pick, budget)
+        if layers:
+            warm["uniform"] = layers
+    cfg = SearchConfig(model=ctx.name, budget=budget, metric=metric, trials=ctx.trials,
+                       calib=ctx.calib, seed=ctx.seed, max_groups=ctx.max_groups,
+                       data=ctx.data_spec)
+    storage = get_storage(f"sqlite:///{ctx.db(metric, budget).resolve()}", ctx.out)
+    identity = {"name": ctx.name, "num_classes": ctx.inv.num_classes,
+                "input_size": list(ctx.size), "kwargs": dict(ctx.inv.model_kwargs)}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    ss = SearchStudy(cfg, storage, name, ps, ctx.evaluator, Surrogate(df, ctx.inv), identity)
+    ss.open(warm)
+    ss.run()
+    trials = ss.study.get_trials(deepcopy=False)
+    front = pareto_front(trials, budget)
+    if not front:
+        return Result(None, reason="no trial within the budget")
+    best = front[0]
+    states = [t.state for t in trials]
+    return Result(
+        trial_layers(best),
+        evaluations=sum("kl" in t.user_attrs for t in trials),
+        extra={"trial": best.number, "warm_start": best.user_attrs.get("warm_start"),
+               "trials_total": len(trials),
+               "screened": sum(s == optuna.trial.TrialState.PRUNED for s in states),
+               "over_budget": sum(bool(t.user_attrs.get("infeasible")) for t in trials),
+               "warm_starts": sorted(warm), "groups": len(ps.groups),
+               "calib_kl_best": best.values[0]},
+    )
+
+
+ALLOCATORS: dict[str, Callable] = {
+    "autohybrid": lambda c, m, b: searched(c, m, b, "autohybrid", None),
+    "searched_sparse": lambda c, m, b: searched(c, m, b, "searched_sparse", SPARSE_ONLY),
+    "searched_lowrank": lambda c, m, b: searched(c, m, b, "searched_lowrank",
+                                                 LOWRANK_METHODS),
+    "uniform_ls": uniform_ls,
+    "uniform_lowrank": uniform_lowrank,
+    "global_magnitude": global_magnitude,
+    "greedy": greedy,
+    "error_threshold": error_threshold,
+}
+assert set(ALLOCATORS) == set(METHOD_INFO)
+assert HYBRID not in LOWRANK_METHODS
