@@ -46,6 +46,11 @@ METHOD_INFO = {
     "greedy": ("greedy (AIMET-style)", "greedy"),
     "error_threshold": ("error threshold (ALDS-style)", "greedy"),
 }
+# changes to the search tried where it did not win; run with --methods, reported when stored
+VARIANT_INFO = {
+    "autohybrid_tpe": ("variant: L+S searched, TPE sampler", "search"),
+    "autohybrid_2x": ("variant: L+S searched, 2x trials", "search"),
+}
 
 
 @dataclass
@@ -171,7 +176,8 @@ def global_magnitude(ctx, metric, budget) -> Result:
 
 
 # -- the searches --------------------------------------------------------------------------------
-def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None) -> Result:
+def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None,
+             sampler: str = "nsga2", trials_factor: int = 1) -> Result:
     """The package's study (NSGA-II, budget repair, warm starts, surrogate screening) on the
     space restricted to ``keep``, stored in ``ctx.db``; the best within-budget trial wins."""
     space = restrict(ctx.space, keep)
@@ -187,10 +193,10 @@ def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None) -> Res
         layers, _ = uniform_with(ps, pick, budget)
         if layers:
             warm["uniform"] = layers
-    cfg = SearchConfig(model=ctx.name, budget=budget, metric=metric, trials=ctx.trials,
-                       calib=ctx.calib, seed=ctx.seed, max_groups=ctx.max_groups,
-                       data=ctx.data_spec)
-    storage = get_storage(f"sqlite:///{ctx.db(metric, budget).resolve()}", ctx.out)
+    cfg = SearchConfig(model=ctx.name, budget=budget, metric=metric,
+                       trials=ctx.trials * trials_factor, calib=ctx.calib, seed=ctx.seed,
+                       max_groups=ctx.max_groups, data=ctx.data_spec, sampler=sampler)
+    storage = get_storage(f"sqlite:///{ctx.db(metric, budget, name).resolve()}", ctx.out)
     identity = {"name": ctx.name, "num_classes": ctx.inv.num_classes,
                 "input_size": list(ctx.size), "kwargs": dict(ctx.inv.model_kwargs)}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -225,6 +231,8 @@ ALLOCATORS: dict[str, Callable] = {
     "global_magnitude": global_magnitude,
     "greedy": greedy,
     "error_threshold": error_threshold,
+    "autohybrid_tpe": lambda c, m, b: searched(c, m, b, "autohybrid_tpe", None, sampler="tpe"),
+    "autohybrid_2x": lambda c, m, b: searched(c, m, b, "autohybrid_2x", None, trials_factor=2),
 }
-assert set(ALLOCATORS) == set(METHOD_INFO)
+assert set(ALLOCATORS) == set(METHOD_INFO) | set(VARIANT_INFO)
 assert HYBRID not in LOWRANK_METHODS

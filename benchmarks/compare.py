@@ -32,7 +32,7 @@ from pathlib import Path
 
 import _common  # first: records the caller's thread settings
 import torch
-from _compare_methods import ALLOCATORS, METHOD_INFO
+from _compare_methods import ALLOCATORS, METHOD_INFO, VARIANT_INFO
 from engine_speed import bench
 
 from autohybrid.allocation import Allocation
@@ -61,6 +61,7 @@ MODELS = {
 }
 CELLS = [(m, b) for m in ("params", "macs") for b in (0.5, 0.3, 0.2)]
 OUT = _common.BENCH_DIR / "out" / "compare"
+ALL_INFO = {**METHOD_INFO, **VARIANT_INFO}
 RESULTS = _common.BENCH_DIR / "results"
 
 
@@ -111,8 +112,11 @@ class Context:
         self.evaluator = Evaluator(self.model, self.inv, x, y, bool(table.meta["bn_recal"]))
         self.dense = _cached(self.res / "dense.json", self._dense, settings=s)
 
-    def db(self, metric: str, budget: float) -> Path:
-        path = self.out / cell_name(self.name, metric, budget) / "study.db"
+    def db(self, metric: str, budget: float, method: str = "") -> Path:
+        """The cell's SQLite study storage; variants get their own file (they may run in a
+        second process beside the main run, and SQLite serialises writers)."""
+        name = f"study-{method}.db" if method in VARIANT_INFO else "study.db"
+        path = self.out / cell_name(self.name, metric, budget) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
@@ -171,7 +175,7 @@ def run_method(ctx: Context, metric: str, budget: float, method: str, res_dir: P
     r = ALLOCATORS[method](ctx, metric, budget)
     t_alloc = time.time() - t0
     row = {"model": ctx.name, "metric": metric, "budget": budget, "method": method,
-           "label": METHOD_INFO[method][0], "settings": dataclasses.asdict(s),
+           "label": ALL_INFO[method][0], "settings": dataclasses.asdict(s),
            "library": _common.library_fingerprint(), "date": _common.now(),
            "machine": _common.machine(), "load_average": _common.load_average()}
     masks = r.extra.pop("masks", None)
@@ -206,7 +210,7 @@ def run_method(ctx: Context, metric: str, budget: float, method: str, res_dir: P
         file_bytes=_export_bytes(small, alloc), dense_file_bytes=ctx.dense["file_bytes"],
         alloc_wall_s=t_alloc, finetune_wall_s=t_ft,
         evaluations=r.evaluations,
-        sensitivity_rows=ctx.sens["rows"] if METHOD_INFO[method][1] != "fixed" else 0,
+        sensitivity_rows=ctx.sens["rows"] if ALL_INFO[method][1] != "fixed" else 0,
         layer_methods=methods, allocation=alloc.to_dict()["layers"],
     )
     if masks is not None:
@@ -246,7 +250,8 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="write RESULTS.md and plots only")
     ap.add_argument("--models", nargs="+", choices=list(MODELS))
     ap.add_argument("--cells", nargs="+", help="metric:budget, e.g. params:0.3 macs:0.2")
-    ap.add_argument("--methods", nargs="+", choices=list(METHOD_INFO))
+    ap.add_argument("--methods", nargs="+", choices=list(ALL_INFO),
+                    help="default: the eight of the comparison; variants only when named")
     for f in dataclasses.fields(Settings):
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default))
     args = ap.parse_args()
