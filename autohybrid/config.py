@@ -20,7 +20,7 @@ __all__ = ["SearchConfig", "SAMPLERS", "BACKENDS", "DEMO_MODEL"]
 SAMPLERS = ("nsga2", "tpe", "gp")
 BACKENDS = ("optuna", "ray")
 QUALITY_SIGNALS = ("kl", "loss", "disagreement")
-DEMO_MODEL = "mobilenetv3_small_050"
+DEMO_MODEL = "mobilenetv3_small_100"
 
 
 def check_keys(cls, d, source: str) -> None:

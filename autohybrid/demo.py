@@ -1,7 +1,7 @@
 """The built-in demo model: a small MobileNetV3 trained once on scikit-learn's digits, cached.
 
 ``autohybrid search --budget 0.2`` with no model uses it, so a fresh machine can run the whole
-pipeline with nothing downloaded. Training takes about a minute on 2 CPU cores.
+pipeline with nothing downloaded. Training takes one to two minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
