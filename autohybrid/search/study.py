@@ -55,9 +55,12 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
     seed, its index and the study's history (NSGA-II keeps its generations in the storage): a
     rerun continues exactly as if never stopped, and workers draw differently because their
     trials have different indices. The index counts the trials before this one, less those
-    that reran a dead trial's parameters (they draw nothing), so the trials after a recovered
-    crash keep the indices they would have had.
+    that rerun a dead trial: a rerun keeps the index of the trial it repeats (a system attr,
+    copied with the others), so it draws what that trial drew, and the trials after a
+    recovered crash keep the indices they would have had.
     """
+
+    INDEX_KEY = "autohybrid:draw_index"
 
     def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler], seed: int):
         self._build, self._seed = build, seed
@@ -65,8 +68,11 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     def _for(self, study: optuna.Study, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
         if trial._trial_id not in self._samplers:
-            earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
-            index = sum(not _is_retry(t) for t in earlier)
+            index = trial.system_attrs.get(self.INDEX_KEY)
+            if index is None:
+                earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
+                index = sum(not _is_retry(t) for t in earlier)
+                study._storage.set_trial_system_attr(trial._trial_id, self.INDEX_KEY, index)
             seed = np.random.SeedSequence([self._seed, index]).generate_state(1)[0]
             self._samplers[trial._trial_id] = self._build(int(seed))
         return self._samplers[trial._trial_id]
@@ -272,9 +278,10 @@ class SearchStudy:
 
 def _requeue(study: optuna.Study, t: FrozenTrial) -> None:
     """Enqueue dead trial ``t`` again: its parameters, its decided allocation, and its system
-    attrs, as Optuna's own retry callback does. These hold the trial's NSGA-II generation,
-    which an enqueued trial never gets (it samples nothing): without it the rerun would not
-    count towards its generation, and every later generation would shift by one trial."""
+    attrs, as Optuna's own retry callback does. These hold its draw index (see
+    ``TrialSeededSampler``) and its NSGA-II generation, which an enqueued trial never gets (it
+    samples nothing): without it the rerun would not count towards its generation, and every
+    later generation would shift by one trial."""
     attrs = {k: v for k, v in t.user_attrs.items() if k in ("warm_start", "allocation")}
     attrs["retry_of"] = t.number
     study.add_trial(optuna.trial.create_trial(

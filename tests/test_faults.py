@@ -1,0 +1,353 @@
+"""Faults: ``autohybrid search`` killed with SIGKILL in each of its stages, and a Ray Tune trial
+process killed mid-trial.
+
+Each run of the CLI (``autohybrid search ...``) is a process of its own, killed the moment the
+files it writes show it mid-stage: during the sensitivity analysis (some layers done), during
+a search trial (one RUNNING with its allocation decided), during fine-tuning (a checkpoint
+written, steps left). Each time the same command is rerun; the last rerun must end with the
+outputs of an uninterrupted run of that command (same seed, one worker), which runs beside
+the interrupted one, and each rerun must redo only what was unfinished.
+
+Tiny setup: CIFAR ResNet-20 with random weights at 8x8 on scikit-learn's digits (no downloads,
+no ../shared), the six convs of layer3 searched, 16 fine-tune steps.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from contextlib import closing
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import sklearn.datasets  # noqa: F401
+import sklearn.model_selection  # noqa: F401
+import torch
+from optuna.trial import TrialState
+from safetensors.torch import load_file
+
+import autohybrid.report  # noqa: F401  (imported here once, not in every forked run)
+import autohybrid.search.report  # noqa: F401
+import autohybrid.search.run  # noqa: F401
+from autohybrid.cli.main import main
+from autohybrid.export import WEIGHTS
+from autohybrid.finetune import CHECKPOINT_NAME
+from autohybrid.models import create_model
+from tests.test_distributed import IDENTITY, build, check_complete
+
+SPACE = """
+name: tiny
+include: ["layer3.*"]
+methods: {conv: [sparse, tucker2, lowrank+sparse]}
+factorizations: {conv: tucker2}
+rank_ratios: [0.5, 0.25]
+sparsities: [0.5, 0.9]
+hybrid_rank_ratios: [0.25]
+hybrid_sparsities: [0.9]
+refine: 0
+"""
+LAYERS = 6  # layer3.{0,1,2}.conv{1,2}
+STEPS = 16  # fine-tune steps; digits' 1437 training images make 11 per epoch: a checkpoint at 11
+STUDY = "cifar_resnet20-params-0.6"
+
+
+# -- running and killing the CLI --------------------------------------------------------------
+def _common(d: Path, out: Path) -> list[str]:
+    return ["--model", "cifar_resnet20", "--checkpoint", str(d / "r20.pth"), "--data", "digits",
+            "--input-size", "3", "8", "8", "--calib", "128", "--batch-size", "64",
+            "--search-space", str(d / "space.yaml"), "--seed", "0", "--out", str(out)]
+
+
+def _search(d: Path, out: Path) -> list[str]:
+    return ["search", *_common(d, out), "--budget", "0.6", "--trials", "10", "--population",
+            "4", "--top-k", "1", "--finetune-steps", str(STEPS)]
+
+
+def _cli(argv: list[str], log: str) -> None:
+    """``autohybrid ARGV`` in this (forked) process, its output into ``log``."""
+    stream = open(log, "w", buffering=1)
+    os.dup2(stream.fileno(), 1)
+    os.dup2(stream.fileno(), 2)
+    sys.stdout = sys.stderr = stream
+    torch.set_num_threads(1)  # a forked child: no OpenMP pool from the parent
+    sys.exit(main(argv))
+
+
+class Run:
+    """``autohybrid ARGV`` as a process of its own: forked from this one (so it pays no second
+    round of imports), running the CLI's ``main`` as ``python -m autohybrid.cli.main`` would."""
+
+    def __init__(self, argv: list[str], log: Path):
+        self.log = log
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.proc = multiprocessing.get_context("fork").Process(target=_cli,
+                                                                args=(argv, str(log)))
+        self.proc.start()
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace").replace("\r", "\n")
+
+    def finish(self, timeout: float = 300) -> str:
+        self.proc.join(timeout)
+        assert self.proc.exitcode == 0, f"exit {self.proc.exitcode}:\n{self.text()[-3000:]}"
+        return self.text()
+
+    def kill_when(self, ready, timeout: float = 240) -> float:
+        """SIGKILL as soon as ``ready()``; the time of the kill."""
+        deadline = time.time() + timeout
+        while not ready():
+            assert self.proc.is_alive(), f"ended ({self.proc.exitcode}) before the kill:\n" \
+                f"{self.text()[-3000:]}"
+            assert time.time() < deadline, f"timed out:\n{self.text()[-3000:]}"
+            time.sleep(0.02)
+        os.kill(self.proc.pid, signal.SIGKILL)
+        killed = time.time()
+        self.proc.join(30)
+        assert self.proc.exitcode == -signal.SIGKILL
+        return killed
+
+
+# -- what a run left on disk ------------------------------------------------------------------
+def _partial_layers(folder: Path) -> list[str]:
+    """Layers in the sensitivity analysis' partial file (rewritten atomically per layer)."""
+    for path in folder.glob(".sensitivity-*.partial.csv"):
+        try:
+            return list(dict.fromkeys(pd.read_csv(path).layer))
+        except (FileNotFoundError, pd.errors.EmptyDataError):
+            pass
+    return []
+
+
+def _trial_rows(out: Path) -> list[tuple[int, str, bool]]:
+    """(number, state, allocation decided) per trial, read straight from the SQLite file."""
+    try:
+        with closing(sqlite3.connect(f"file:{out / 'study.db'}?mode=ro", uri=True)) as db:
+            return db.execute(
+                "SELECT number, state, EXISTS(SELECT 1 FROM trial_user_attributes a WHERE "
+                "a.trial_id = t.trial_id AND a.key = 'allocation') FROM trials t").fetchall()
+    except sqlite3.Error:  # no file, no schema yet, or busy
+        return []
+
+
+def _mid_trial(out: Path) -> bool:
+    """Killed here, the trial that is RUNNING was drawn by the sampler (the four warm starts
+    come first) and is being scored."""
+    rows = _trial_rows(out)
+    return sum(s == "COMPLETE" for _, s, _ in rows) >= 5 and any(
+        s == "RUNNING" and alloc for _, s, alloc in rows)
+
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted((out / "finetune").glob(f"trial-*/{CHECKPOINT_NAME}"))
+
+
+def _trials(out: Path) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}").trials
+
+
+def _record(t: optuna.trial.FrozenTrial) -> tuple:
+    """What a trial decided and measured, without its number or timing."""
+    keep = ("allocation", "warm_start", "kl", "loss", "top1", "agreement", "screened")
+    return (t.state.name, t.params, t.values, {k: t.user_attrs.get(k) for k in keep})
+
+
+# -- the scenario: one uninterrupted run, one killed three times ------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults")
+    torch.manual_seed(0)
+    torch.save(create_model("cifar_resnet20").state_dict(), d / "r20.pth")
+    (d / "space.yaml").write_text(SPACE)
+    ref_out, out = d / "reference", d / "killed"
+    reference = Run(_search(d, ref_out), d / "reference.log")  # beside the killed one
+    facts: dict = {"d": d, "ref": ref_out, "out": out}
+    try:
+        # 1. during the sensitivity analysis, with some but not all layers done
+        sens = out / "sensitivity"
+        Run(_search(d, out), d / "kill-1.log").kill_when(lambda: len(_partial_layers(sens)) > 0)
+        facts["sens_done"] = _partial_layers(sens)
+        # 2. during a trial: the rerun finishes the sensitivity analysis, then is killed
+        #    while it scores a trial (tried again in the rare case the kill fell between two)
+        facts["dead"] = []
+        for attempt in range(3):
+            run = Run(_search(d, out), d / f"kill-2.{attempt}.log")
+            facts["trial_kill"] = run.kill_when(lambda: _mid_trial(out))
+            facts.setdefault("log2", run.text())
+            facts["at_kill"] = _trials(out)
+            running = [t for t in facts["at_kill"] if t.state == TrialState.RUNNING]
+            facts["dead"] += [t.number for t in running]
+            if any("allocation" in t.user_attrs for t in running):
+                break
+        # 3. during fine-tuning, after a checkpoint
+        run = Run(_search(d, out), d / "kill-3.log")
+        run.kill_when(lambda: bool(_checkpoints(out)))
+        facts["ckpt"] = {p.parent.name: torch.load(p, weights_only=True)["step"]
+                         for p in _checkpoints(out)}
+        # 4. to the end
+        facts["log4"] = Run(_search(d, out), d / "rerun.log").finish()
+        facts["ref_log"] = reference.finish()
+    finally:
+        if reference.proc.is_alive():
+            reference.proc.kill()
+    return facts
+
+
+def test_killed_in_sensitivity_recomputes_only_unfinished_layers(runs):
+    done, out = runs["sens_done"], runs["out"]
+    assert 1 <= len(done) < LAYERS, done
+    meta = json.loads((out / "sensitivity" / "sensitivity.json").read_text())
+    assert meta["resumed_layers"] == done  # the rerun kept these and computed only the rest
+    assert f"{len(done)} of {LAYERS} layers already done" in runs["log2"]
+    assert len(meta["layers"]) == LAYERS
+    assert not list((out / "sensitivity").glob(".sensitivity-*.partial.csv"))
+    ref = runs["ref"] / "sensitivity"
+    assert json.loads((ref / "sensitivity.json").read_text())["resumed_layers"] == []
+    # the same table, byte for byte: same rows, same values
+    assert (out / "sensitivity" / "sensitivity.csv").read_bytes() == (
+        ref / "sensitivity.csv").read_bytes()
+
+
+def test_sensitivity_subcommand_killed_then_rerun(runs):
+    """``autohybrid sensitivity`` with the search's settings: killed, rerun, the same table as
+    the uninterrupted search computed."""
+    d, out = runs["d"], runs["d"] / "sensitivity"
+    argv = ["sensitivity", *_common(d, out)]
+    Run(argv, d / "sens-kill.log").kill_when(lambda: len(_partial_layers(out)) > 0)
+    done = _partial_layers(out)
+    assert 1 <= len(done) < LAYERS, done
+    log = Run(argv, d / "sens-rerun.log").finish()
+    assert f"{len(done)} layers kept from an interrupted run" in log
+    assert json.loads((out / "sensitivity.json").read_text())["resumed_layers"] == done
+    assert (out / "sensitivity.csv").read_bytes() == (
+        runs["ref"] / "sensitivity" / "sensitivity.csv").read_bytes()
+
+
+def test_killed_in_a_trial_continues_as_the_uninterrupted_search(runs):
+    at_kill, out = runs["at_kill"], runs["out"]
+    (dead,) = [t for t in at_kill if t.state == TrialState.RUNNING]
+    assert "allocation" in dead.user_attrs  # killed while it was being scored
+    assert not dead.user_attrs.get("warm_start")  # a trial the sampler drew
+    trials, reference = _trials(out), _trials(runs["ref"])
+    # finished trials were kept as they were, not evaluated again
+    after = {t.number: t for t in trials}
+    for t in at_kill:
+        if t.state.is_finished():
+            assert after[t.number].values == t.values
+            assert after[t.number].datetime_complete == t.datetime_complete
+    # the dead trial failed and was rerun first, with its allocation; the rest is new
+    assert after[dead.number].state == TrialState.FAIL
+    retry = after[dead.number + 1]
+    assert retry.user_attrs["retry_of"] == dead.number and retry.params == dead.params
+    assert retry.user_attrs["allocation"] == dead.user_attrs["allocation"]
+    assert retry.datetime_start.timestamp() > runs["trial_kill"]
+    assert [t.number for t in trials if t.state == TrialState.FAIL] == runs["dead"]
+    # ... and the study is the uninterrupted one: the same trials in the same order, with the
+    # same parameters, allocations and values (the sampler draws per trial, seeded by the
+    # trial's index, so it continued where it stopped)
+    kept = [t for t in trials if t.state != TrialState.FAIL]
+    assert [_record(t) for t in kept] == [_record(t) for t in reference]
+    assert not [t for t in reference if t.state == TrialState.FAIL]
+    assert len(reference) > dead.number + 2  # the search went on well past the kill
+
+
+def test_killed_in_finetune_resumes_to_identical_weights(runs):
+    out, ref = runs["out"], runs["ref"]
+    (trial, step), = runs["ckpt"].items()
+    assert 1 <= step < STEPS  # killed with steps left after a checkpoint
+    assert f"finetune: resuming from {out / 'finetune' / trial / CHECKPOINT_NAME} at step " \
+           f"{step} of {STEPS}" in runs["log4"]
+    assert "finetune: resuming" not in runs["ref_log"]
+    front, ref_front = pd.read_csv(out / "pareto.csv"), pd.read_csv(ref / "pareto.csv")
+    numbered = ["trial", "allocation", "model"]  # the retried trial shifted the numbers
+    pd.testing.assert_frame_equal(front.drop(columns=numbered),
+                                  ref_front.drop(columns=numbered))
+    tuned = front.dropna(subset=["model"])
+    assert len(tuned) == 1 and f"models/{trial}" == tuned.model.iloc[0]
+    for a, b in zip(front.model.dropna(), ref_front.model.dropna()):
+        weights, ref_weights = load_file(out / a / WEIGHTS), load_file(ref / b / WEIGHTS)
+        assert weights.keys() == ref_weights.keys()
+        for k, v in weights.items():  # bit for bit
+            assert v.dtype == ref_weights[k].dtype and torch.equal(v, ref_weights[k]), k
+    for a, b in zip(front.allocation, ref_front.allocation):
+        assert _layers(out / a) == _layers(ref / b)
+
+
+def _layers(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())["layers"]
+
+
+# -- Ray: a trial process killed --------------------------------------------------------------
+def _killed_once(evaluator, marker: Path):
+    """The evaluator, except that the first score anywhere writes this process's pid and Tune
+    trial id to ``marker`` and waits to be killed; every score is logged beside it. A local
+    class: cloudpickle ships it by value to the Ray workers."""
+    from autohybrid.search.objective import Evaluator
+
+    class KilledOnce(Evaluator):
+        def score(self, layers):
+            from ray import tune
+
+            trial = tune.get_context().get_trial_id()
+            with open(marker.with_suffix(".scores"), "a") as f:
+                f.write(f"{trial} {os.getpid()}\n")
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return super().score(layers)
+            os.write(fd, f"{trial} {os.getpid()}".encode())
+            os.close(fd)
+            time.sleep(120)  # SIGKILLed by the test meanwhile
+            raise AssertionError("not killed")
+
+    evaluator.__class__ = KilledOnce
+    return evaluator
+
+
+def test_ray_trial_process_killed_is_retried_by_ray(tmp_path):
+    pytest.importorskip("ray")
+    from autohybrid.search.ray_backend import run_ray
+
+    out = tmp_path / "ray"
+    cfg, storage, ps, ev, warm, _ = build(out, None, trials=3, backend="ray", concurrency=1)
+    marker = tmp_path / "kill-me"
+    ev = _killed_once(ev, marker)
+    killed: dict = {}
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if marker.exists() and marker.read_text():
+                trial, pid = marker.read_text().split()
+                os.kill(int(pid), signal.SIGKILL)
+                killed.update(trial=trial, pid=int(pid))
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    study = run_ray(cfg, storage, "s", ps, ev, None, IDENTITY, warm)
+    thread.join(5)
+    assert killed, "no trial reached the evaluator"
+    trials = study.get_trials()
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 3  # the requested total
+    assert not [t for t in trials if t.state != TrialState.COMPLETE]  # nothing failed
+    # the killed Tune trial was run again, in another process, and completed its Optuna trial
+    scores = [line.split() for line in marker.with_suffix(".scores").read_text().splitlines()]
+    attempts = [int(pid) for trial, pid in scores if trial == killed["trial"]]
+    assert attempts[0] == killed["pid"] and len(attempts) == 2 and attempts[1] != killed["pid"]
+    (victim,) = [t for t in trials if t.user_attrs.get("ray_trial") == killed["trial"]]
+    assert victim.state == TrialState.COMPLETE and check_complete(victim)
+    assert len({t.user_attrs.get("ray_trial") for t in done if check_complete(t)}) == len(
+        [t for t in done if check_complete(t)])
