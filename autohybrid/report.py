@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import html
 import io
+import sys
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")
+if "ipykernel" not in sys.modules:  # files only, even where $DISPLAY is set; Jupyter keeps
+    matplotlib.use("Agg")          # its inline backend so the figures show in notebooks
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
