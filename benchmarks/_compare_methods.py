@@ -50,6 +50,7 @@ METHOD_INFO = {
 VARIANT_INFO = {
     "autohybrid_tpe": ("variant: L+S searched, TPE sampler", "search"),
     "autohybrid_2x": ("variant: L+S searched, 2x trials", "search"),
+    "autohybrid_g6": ("variant: L+S searched, at most 6 layer groups", "search"),
 }
 
 
@@ -83,8 +84,9 @@ def table_for(space: SearchSpace, inv, df: pd.DataFrame) -> pd.DataFrame:
     return df[keep].reset_index(drop=True)
 
 
-def param_space(ctx, space: SearchSpace, metric: str, df: pd.DataFrame) -> ParamSpace:
-    groups = group_layers(space, ctx.inv, df, ctx.max_groups, ctx.seed)
+def param_space(ctx, space: SearchSpace, metric: str, df: pd.DataFrame,
+                max_groups: int | None = None) -> ParamSpace:
+    groups = group_layers(space, ctx.inv, df, max_groups or ctx.max_groups, ctx.seed)
     return ParamSpace(space, ctx.inv, groups, metric)
 
 
@@ -177,12 +179,14 @@ def global_magnitude(ctx, metric, budget) -> Result:
 
 # -- the searches --------------------------------------------------------------------------------
 def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None,
-             sampler: str = "nsga2", trials_factor: int = 1) -> Result:
+             sampler: str = "nsga2", trials_factor: int = 1,
+             max_groups: int | None = None) -> Result:
     """The package's study (NSGA-II, budget repair, warm starts, surrogate screening) on the
     space restricted to ``keep``, stored in ``ctx.db``; the best within-budget trial wins."""
     space = restrict(ctx.space, keep)
     df = table_for(space, ctx.inv, ctx.table)
-    ps = param_space(ctx, space, metric, df)
+    max_groups = max_groups or ctx.max_groups
+    ps = param_space(ctx, space, metric, df, max_groups)
     low = smallest_fraction(ps)
     if budget < low:
         return Result(None, reason=f"smallest fraction this space reaches is {low:.3f}")
@@ -195,7 +199,7 @@ def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None,
             warm["uniform"] = layers
     cfg = SearchConfig(model=ctx.name, budget=budget, metric=metric,
                        trials=ctx.trials * trials_factor, calib=ctx.calib, seed=ctx.seed,
-                       max_groups=ctx.max_groups, data=ctx.data_spec, sampler=sampler)
+                       max_groups=max_groups, data=ctx.data_spec, sampler=sampler)
     storage = get_storage(f"sqlite:///{ctx.db(metric, budget, name).resolve()}", ctx.out)
     identity = {"name": ctx.name, "num_classes": ctx.inv.num_classes,
                 "input_size": list(ctx.size), "kwargs": dict(ctx.inv.model_kwargs)}
@@ -233,6 +237,7 @@ ALLOCATORS: dict[str, Callable] = {
     "error_threshold": error_threshold,
     "autohybrid_tpe": lambda c, m, b: searched(c, m, b, "autohybrid_tpe", None, sampler="tpe"),
     "autohybrid_2x": lambda c, m, b: searched(c, m, b, "autohybrid_2x", None, trials_factor=2),
+    "autohybrid_g6": lambda c, m, b: searched(c, m, b, "autohybrid_g6", None, max_groups=6),
 }
 assert set(ALLOCATORS) == set(METHOD_INFO) | set(VARIANT_INFO)
 assert HYBRID not in LOWRANK_METHODS

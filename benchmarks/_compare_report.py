@@ -146,7 +146,9 @@ def plot(rows: dict, model: str, cells, dense: dict, path: Path) -> bool:
     mine = [d for k, d in rows.items() if k[0] == model and d["status"] == "ok"]
     if not mine:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2), sharey=True)
+    colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(ALL_INFO)}
+    handles = {}
     for ax, metric in zip(axes, ("params", "macs")):
         for m in ALL_INFO:
             pts = sorted((d[f"{metric}_fraction"], d["test_top1_after"], d["test_top1_before"])
@@ -154,20 +156,25 @@ def plot(rows: dict, model: str, cells, dense: dict, path: Path) -> bool:
             if not pts:
                 continue
             x, y, yb = zip(*pts)
-            line, = ax.plot(x, y, marker=MARKERS.get(m, "."), label=ALL_INFO[m][0],
-                            lw=2 if m == "autohybrid" else 1, ms=9 if m == "autohybrid" else 6)
-            ax.scatter(x, yb, marker=MARKERS.get(m, "."), facecolors="none",
-                       edgecolors=line.get_color(), alpha=0.5, s=25)
+            handles[m], = ax.plot(x, y, marker=MARKERS.get(m, "."), color=colors[m],
+                                  label=ALL_INFO[m][0], lw=2 if m == "autohybrid" else 1,
+                                  ms=10 if m == "autohybrid" else 6)
+            ax.scatter(x, yb, marker=MARKERS.get(m, "."), color=colors[m], alpha=0.35, s=18)
         if dense:
-            ax.axhline(dense["test_top1"], color="k", ls="--", lw=0.8, label="dense")
+            handles["dense"] = ax.axhline(dense["test_top1"], color="k", ls="--", lw=0.8,
+                                          label="dense")
         for _, b in cells:
             ax.axvline(b, color="0.85", lw=0.6, zorder=0)
-        ax.set_xlabel(f"achieved {metric} fraction of the dense model (budget searched for)")
+        ax.set_xlabel(f"achieved {metric} fraction of the dense model")
         ax.set_title(f"{model}: budget in {metric}")
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("CIFAR-10 test top-1 after fine-tune, % (hollow: before)")
-    axes[1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    after = [d["test_top1_after"] for d in mine]
+    top = max([*after, dense.get("test_top1", 0)])
+    axes[0].set_ylim(min(after) - 4, top + 1.5)
+    axes[0].set_ylabel("test top-1 after fine-tune, % (faint: before, when in range)")
+    fig.legend(handles.values(), [h.get_label() for h in handles.values()], loc="lower center",
+               ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
