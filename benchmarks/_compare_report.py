@@ -217,6 +217,13 @@ def generated(root: Path, models, cells, tag: str, md: Path) -> str:
                 f"{dense['compressible_params']:.3f} of the params and "
                 f"{dense['compressible_macs']:.3f} of the MACs (stem and classifier stay dense)."
             )
+        calib = (settings or {}).get("calib")
+        sens = _common.BENCH_DIR / "out" / tag / model / f"sensitivity-c{calib}" / "wall.json"
+        if sens.exists():
+            w = json.loads(sens.read_text())
+            parts.append(f"Sensitivity table: {w['rows']} rows (layer x candidate) in "
+                         f"{w['wall_s']:.0f} s, shared by the searched and greedy rows and not "
+                         "included in their wall time.")
         if has_plot:
             parts.append(f"![{model}]({os.path.relpath(png, md.parent)})")
         for metric, budget in cells:
