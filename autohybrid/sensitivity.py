@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from autohybrid.cost import layer_cost
 from autohybrid.exceptions import ConfigError
 from autohybrid.inventory import Inventory, LayerInfo
-from autohybrid.io import atomic_path, atomic_write_text
+from autohybrid.io import atomic_path, atomic_write_text, remove_stale_temps
 from autohybrid.methods import get_method
 from autohybrid.search_space import SearchSpace
 from autohybrid.spec import LayerSpec
@@ -329,6 +329,8 @@ def sensitivity(
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
     out = Path(out_dir) if out_dir is not None else None
     partial = out / f".sensitivity-{key}.partial.csv" if out else None
+    if out:
+        remove_stale_temps(out)  # half-written files of a killed earlier run
     if out and (out / META).is_file() and (out / TABLE).is_file():
         table = SensitivityTable.load(out)
         if table.meta.get("key") == key:

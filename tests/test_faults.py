@@ -351,3 +351,23 @@ def test_ray_trial_process_killed_is_retried_by_ray(tmp_path):
     assert victim.state == TrialState.COMPLETE and check_complete(victim)
     assert len({t.user_attrs.get("ray_trial") for t in done if check_complete(t)}) == len(
         [t for t in done if check_complete(t)])
+
+
+# -- leftovers of a writer killed between write and rename ----------------------------------
+def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
+    import subprocess
+
+    from autohybrid.io import atomic_path, remove_stale_temps
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with atomic_path(tmp_path / "sub" / "pareto.csv") as live:  # this process: still writing
+        live.write_text("partial")
+        host = live.name.split(".")[-3].rsplit("-", 1)[0]
+        stale = tmp_path / "sub" / f".report.html.{host}-{dead.pid}.ab_c12.tmp"
+        stale.write_text("<html")
+        other = tmp_path / f".config.yaml.otherhost-{dead.pid}.x1.tmp"  # another machine's
+        other.write_text("budget")
+        assert remove_stale_temps(tmp_path) == [stale]
+        assert live.is_file() and other.is_file() and not stale.exists()
+    assert (tmp_path / "sub" / "pareto.csv").read_text() == "partial"

@@ -20,7 +20,7 @@ from autohybrid.config import SearchConfig
 from autohybrid.cost import allocation_cost
 from autohybrid.exceptions import BudgetError
 from autohybrid.inventory import inventory, model_input_size
-from autohybrid.io import atomic_path, atomic_write_text
+from autohybrid.io import atomic_path, atomic_write_text, remove_stale_temps
 from autohybrid.search.objective import Evaluator
 from autohybrid.search.params import LEVELS, MIN_SCALE, ParamSpace, group_layers
 from autohybrid.search.study import SearchStudy, pareto_front, trial_layers
@@ -95,6 +95,7 @@ def run_search(cfg: SearchConfig) -> Path:
         )
     storage = get_storage(cfg.storage, out)  # fail early on a bad URL
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)  # half-written files of a killed earlier run
     cfg.save(out / "config.yaml")
     x, y = as_tensors(data.calibration(cfg.calib, seed=cfg.seed))
 
