@@ -51,6 +51,7 @@ VARIANT_INFO = {
     "autohybrid_tpe": ("variant: L+S searched, TPE sampler", "search"),
     "autohybrid_2x": ("variant: L+S searched, 2x trials", "search"),
     "autohybrid_g6": ("variant: L+S searched, at most 6 layer groups", "search"),
+    "autohybrid_loss": ("variant: L+S searched, quality = calibration loss", "search"),
 }
 
 
@@ -180,7 +181,7 @@ def global_magnitude(ctx, metric, budget) -> Result:
 # -- the searches --------------------------------------------------------------------------------
 def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None,
              sampler: str = "nsga2", trials_factor: int = 1,
-             max_groups: int | None = None) -> Result:
+             max_groups: int | None = None, quality: str = "kl") -> Result:
     """The package's study (NSGA-II, budget repair, warm starts, surrogate screening) on the
     space restricted to ``keep``, stored in ``ctx.db``; the best within-budget trial wins."""
     space = restrict(ctx.space, keep)
@@ -199,7 +200,8 @@ def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None,
             warm["uniform"] = layers
     cfg = SearchConfig(model=ctx.name, budget=budget, metric=metric,
                        trials=ctx.trials * trials_factor, calib=ctx.calib, seed=ctx.seed,
-                       max_groups=max_groups, data=ctx.data_spec, sampler=sampler)
+                       max_groups=max_groups, data=ctx.data_spec, sampler=sampler,
+                       quality=quality)
     storage = get_storage(f"sqlite:///{ctx.db(metric, budget, name).resolve()}", ctx.out)
     identity = {"name": ctx.name, "num_classes": ctx.inv.num_classes,
                 "input_size": list(ctx.size), "kwargs": dict(ctx.inv.model_kwargs)}
@@ -221,7 +223,7 @@ def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None,
                "screened": sum(s == optuna.trial.TrialState.PRUNED for s in states),
                "over_budget": sum(bool(t.user_attrs.get("infeasible")) for t in trials),
                "warm_starts": sorted(warm), "groups": len(ps.groups),
-               "calib_kl_best": best.values[0]},
+               f"calib_{quality}_best": best.values[0]},
     )
 
 
@@ -238,6 +240,7 @@ ALLOCATORS: dict[str, Callable] = {
     "autohybrid_tpe": lambda c, m, b: searched(c, m, b, "autohybrid_tpe", None, sampler="tpe"),
     "autohybrid_2x": lambda c, m, b: searched(c, m, b, "autohybrid_2x", None, trials_factor=2),
     "autohybrid_g6": lambda c, m, b: searched(c, m, b, "autohybrid_g6", None, max_groups=6),
+    "autohybrid_loss": lambda c, m, b: searched(c, m, b, "autohybrid_loss", None, quality="loss"),
 }
 assert set(ALLOCATORS) == set(METHOD_INFO) | set(VARIANT_INFO)
 assert HYBRID not in LOWRANK_METHODS
