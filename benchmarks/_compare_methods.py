@@ -52,6 +52,7 @@ VARIANT_INFO = {
     "autohybrid_2x": ("variant: L+S searched, 2x trials", "search"),
     "autohybrid_g6": ("variant: L+S searched, at most 6 layer groups", "search"),
     "autohybrid_loss": ("variant: L+S searched, quality = calibration loss", "search"),
+    "dense_finetuned": ("control: the dense model, same fine-tune", "fixed"),
 }
 
 
@@ -241,6 +242,8 @@ ALLOCATORS: dict[str, Callable] = {
     "autohybrid_2x": lambda c, m, b: searched(c, m, b, "autohybrid_2x", None, trials_factor=2),
     "autohybrid_g6": lambda c, m, b: searched(c, m, b, "autohybrid_g6", None, max_groups=6),
     "autohybrid_loss": lambda c, m, b: searched(c, m, b, "autohybrid_loss", None, quality="loss"),
+    # what the fine-tune recipe alone does to the uncompressed network (ignores the budget)
+    "dense_finetuned": lambda c, m, b: Result({}, extra={"control": True}),
 }
 assert set(ALLOCATORS) == set(METHOD_INFO) | set(VARIANT_INFO)
 assert HYBRID not in LOWRANK_METHODS

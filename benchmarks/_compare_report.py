@@ -67,6 +67,10 @@ def cell_table(rows: dict, model: str, metric: str, budget: float, dense: dict) 
     return _common.table(head, out, "l" + "r" * (len(head) - 1))
 
 
+def _control(d: dict) -> bool:
+    return bool(d.get("extra", {}).get("control"))
+
+
 def _picked(d: dict) -> str:
     e = d.get("extra", {})
     if "trial" not in e:
@@ -83,7 +87,7 @@ def versus(rows: dict, model: str, metric: str, budget: float) -> str:
     parts = []
     for m in ALL_INFO:
         d = rows.get((model, metric, budget, m))
-        if m == "autohybrid" or d is None or d["status"] != "ok":
+        if m == "autohybrid" or d is None or d["status"] != "ok" or _control(d):
             continue
         da = a["test_top1_after"] - d["test_top1_after"]
         db = a["test_top1_before"] - d["test_top1_before"]
@@ -143,7 +147,8 @@ def plot(rows: dict, model: str, cells, dense: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mine = [d for k, d in rows.items() if k[0] == model and d["status"] == "ok"]
+    mine = [d for k, d in rows.items() if k[0] == model and d["status"] == "ok"
+            and not _control(d)]
     if not mine:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.2), sharey=True)
