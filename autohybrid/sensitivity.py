@@ -110,8 +110,10 @@ class ConeRunner:
 
     def dense(self, x: torch.Tensor) -> dict:
         env: dict = {}
-        placeholder = next(n for n in self.nodes if n.op == "placeholder")
-        env[placeholder] = x
+        first, *optional = [n for n in self.nodes if n.op == "placeholder"]
+        env[first] = x
+        for n in optional:  # further inputs (timm's ViT: attn_mask=None) take their defaults
+            env[n] = n.args[0] if n.args else None
         self._run([n for n in self.nodes if n.op != "placeholder"], env)
         return env
 
