@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_text", "remove_stale_temps"]
+__all__ = ["atomic_path", "atomic_write_text", "remove_stale_temps", "pid_alive"]
 
 
 @contextlib.contextmanager
@@ -47,10 +47,11 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid) -> bool:
+    """Whether a process with this pid runs on this host (one of another user counts)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
         return False
     except OSError:  # exists, owned by someone else
         return True
@@ -68,7 +69,7 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
     removed = []
     for f in folder.rglob(".*.tmp"):
         m = mine.search(f.name)
-        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+        if m and int(m.group(1)) != os.getpid() and not pid_alive(m.group(1)):
             with contextlib.suppress(FileNotFoundError):
                 f.unlink()
                 removed.append(f)

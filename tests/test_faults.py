@@ -42,18 +42,8 @@ from autohybrid.export import WEIGHTS
 from autohybrid.finetune import CHECKPOINT_NAME
 from autohybrid.models import create_model
 from tests.test_distributed import IDENTITY, build, check_complete
+from tests.test_pipeline import SPACE  # the same tiny layer3 space
 
-SPACE = """
-name: tiny
-include: ["layer3.*"]
-methods: {conv: [sparse, tucker2, lowrank+sparse]}
-factorizations: {conv: tucker2}
-rank_ratios: [0.5, 0.25]
-sparsities: [0.5, 0.9]
-hybrid_rank_ratios: [0.25]
-hybrid_sparsities: [0.9]
-refine: 0
-"""
 LAYERS = 6  # layer3.{0,1,2}.conv{1,2}
 STEPS = 16  # fine-tune steps; digits' 1437 training images make 11 per epoch: a checkpoint at 11
 STUDY = "cifar_resnet20-params-0.6"

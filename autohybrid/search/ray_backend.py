@@ -58,9 +58,10 @@ from ray.tune.search.optuna import OptunaSearch
 
 from autohybrid.config import SearchConfig
 from autohybrid.exceptions import ConfigError
+from autohybrid.io import pid_alive
 from autohybrid.search.objective import Evaluator, NumericalError
 from autohybrid.search.params import ParamSpace
-from autohybrid.search.study import SearchStudy, _alive, _load, _requeue
+from autohybrid.search.study import SearchStudy, _load, _requeue
 from autohybrid.search.surrogate import Surrogate
 
 __all__ = ["run_ray"]
@@ -224,7 +225,7 @@ class _RayStudy(SearchStudy):
         host = socket.gethostname()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if (t.number in self.keep or t.user_attrs.get("host") != host
-                    or _alive(t.user_attrs.get("pid", -1))):
+                    or pid_alive(t.user_attrs.get("pid", -1))):
                 continue
             self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
             _requeue(self.study, t)

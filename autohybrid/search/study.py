@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from autohybrid.config import SearchConfig
 from autohybrid.cost import allocation_cost
 from autohybrid.exceptions import ConfigError
+from autohybrid.io import pid_alive
 from autohybrid.search.objective import Evaluator, NumericalError
 from autohybrid.search.params import ParamSpace
 from autohybrid.search.surrogate import Surrogate
@@ -181,7 +182,7 @@ class SearchStudy:
         heartbeat grace period (journal storages have no heartbeat at all)."""
         host = socket.gethostname()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("host") != host or _alive(t.user_attrs.get("pid", -1)):
+            if t.user_attrs.get("host") != host or pid_alive(t.user_attrs.get("pid", -1)):
                 continue
             try:
                 self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
@@ -297,14 +298,6 @@ def _dump(layers: dict[str, LayerSpec]) -> str:
 
 def _load(text: str) -> dict[str, LayerSpec]:
     return {n: LayerSpec.from_dict(d) for n, d in json.loads(text).items()}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def _short(v) -> str:
