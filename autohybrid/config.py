@@ -64,6 +64,7 @@ class SearchConfig:
     quality: str = "kl"
     max_groups: int = 24
     screen: bool = True
+    local_search: float = 0.3
     top_k: int = 2
     finetune_epochs: float = 1.0
     finetune_steps: int | None = None
@@ -115,6 +116,10 @@ class SearchConfig:
         for key in ("trials", "calib", "batch_size", "population", "concurrency", "max_groups"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if not isinstance(self.local_search, (int, float)) or isinstance(self.local_search, bool) \
+                or not 0.0 <= self.local_search < 1.0:
+            raise ConfigError(f"local_search is the share of --trials spent on local moves, "
+                              f"from 0 (off) to below 1; got {self.local_search!r}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
 

@@ -52,6 +52,7 @@ VARIANT_INFO = {
     "autohybrid_2x": ("variant: L+S searched, 2x trials", "search"),
     "autohybrid_g6": ("variant: L+S searched, at most 6 layer groups", "search"),
     "autohybrid_loss": ("variant: L+S searched, quality = calibration loss", "search"),
+    "autohybrid_local": ("variant: L+S searched, last 30 % of trials local moves", "search"),
     "dense_finetuned": ("control: the dense model, same fine-tune", "fixed"),
 }
 
@@ -182,9 +183,12 @@ def global_magnitude(ctx, metric, budget) -> Result:
 # -- the searches --------------------------------------------------------------------------------
 def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None,
              sampler: str = "nsga2", trials_factor: int = 1,
-             max_groups: int | None = None, quality: str = "kl") -> Result:
+             max_groups: int | None = None, quality: str = "kl",
+             local_search: float = 0.0) -> Result:
     """The package's study (NSGA-II, budget repair, warm starts, surrogate screening) on the
-    space restricted to ``keep``, stored in ``ctx.db``; the best within-budget trial wins."""
+    space restricted to ``keep``, stored in ``ctx.db``; the best within-budget trial wins.
+    ``local_search`` is 0 for every row but the variant that measures it: the stored rows
+    were run before the package had local moves, and a row's settings must not drift."""
     space = restrict(ctx.space, keep)
     df = table_for(space, ctx.inv, ctx.table)
     max_groups = max_groups or ctx.max_groups
@@ -202,7 +206,7 @@ def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None,
     cfg = SearchConfig(model=ctx.name, budget=budget, metric=metric,
                        trials=ctx.trials * trials_factor, calib=ctx.calib, seed=ctx.seed,
                        max_groups=max_groups, data=ctx.data_spec, sampler=sampler,
-                       quality=quality)
+                       quality=quality, local_search=local_search)
     storage = get_storage(f"sqlite:///{ctx.db(metric, budget, name).resolve()}", ctx.out)
     identity = {"name": ctx.name, "num_classes": ctx.inv.num_classes,
                 "input_size": list(ctx.size), "kwargs": dict(ctx.inv.model_kwargs)}
@@ -224,6 +228,9 @@ def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None,
                "screened": sum(s == optuna.trial.TrialState.PRUNED for s in states),
                "over_budget": sum(bool(t.user_attrs.get("infeasible")) for t in trials),
                "warm_starts": sorted(warm), "groups": len(ps.groups),
+               "local_of": best.user_attrs.get("local_of"),
+               "local_moves": [t.user_attrs["local_move"] for t in trials
+                               if "local_move" in t.user_attrs],
                f"calib_{quality}_best": best.values[0]},
     )
 
@@ -242,6 +249,8 @@ ALLOCATORS: dict[str, Callable] = {
     "autohybrid_2x": lambda c, m, b: searched(c, m, b, "autohybrid_2x", None, trials_factor=2),
     "autohybrid_g6": lambda c, m, b: searched(c, m, b, "autohybrid_g6", None, max_groups=6),
     "autohybrid_loss": lambda c, m, b: searched(c, m, b, "autohybrid_loss", None, quality="loss"),
+    "autohybrid_local": lambda c, m, b: searched(c, m, b, "autohybrid_local", None,
+                                                 local_search=0.3),
     # what the fine-tune recipe alone does to the uncompressed network (ignores the budget)
     "dense_finetuned": lambda c, m, b: Result({}, extra={"control": True}),
 }

@@ -76,6 +76,8 @@ def _picked(d: dict) -> str:
     if "trial" not in e:
         return ""
     start = e.get("warm_start")
+    if e.get("local_of") is not None:
+        return f"trial {e['trial']} (local move, {len(e.get('local_moves', []))} tried)"
     return f"trial {e['trial']}" + (f" = warm start {start}" if start else " (sampled)")
 
 

@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 import autohybrid as ah
 from autohybrid.config import SearchConfig
 from autohybrid.models import create_model
+from autohybrid.search.local import apply_move, moves
 from autohybrid.search.objective import Evaluator, NumericalError
 from autohybrid.search.params import ParamSpace, group_layers
 from autohybrid.search.run import smallest_fraction, write_front
@@ -36,10 +37,12 @@ def parts():
     return model, inv, x, y, table
 
 
-def make_study(parts, tmp_path, budget=0.6, trials=6, seed=0, storage=None, evaluator=None):
+def make_study(parts, tmp_path, budget=0.6, trials=6, seed=0, storage=None, evaluator=None,
+               local_search=0.3):
     model, inv, x, y, table = parts
     cfg = SearchConfig(model="cifar_resnet20", budget=budget, trials=trials, population=4,
-                       seed=seed, calib=len(x), top_k=0, out=str(tmp_path))
+                       seed=seed, calib=len(x), top_k=0, out=str(tmp_path),
+                       local_search=local_search)
     groups = group_layers(SPACE, inv, table.df, cfg.max_groups, seed)
     ps = ParamSpace(SPACE, inv, groups, cfg.metric)
     ev = evaluator or Evaluator(model, inv, x, y, bn_recal=False, batch_size=32)
@@ -144,3 +147,66 @@ def test_pareto_writes_reappliable_allocations(parts, tmp_path, capsys):
         assert ah.cost(small, (3, 32, 32)).params == alloc.cost(inv).params
     write_front(ss.study, tmp_path / "q", 0.6)
     assert len(list((tmp_path / "q" / "allocations").glob("*.yaml"))) == len(files)
+
+
+def test_local_moves_change_one_layer_within_budget(parts):
+    model, inv, x, y, table = parts
+    ps = ParamSpace(SPACE, inv, group_layers(SPACE, inv, table.df, 24, 0), "params")
+    start = warm_starts(ps, table.df, model, 0.6)["global_magnitude"]
+    found = moves(ps, start, 0.6, Surrogate(table.df, inv))
+    assert [m.predicted for m in found] == sorted(m.predicted for m in found)
+    assert {m.spec.method for m in found} == {"tucker2", "lowrank+sparse"}  # all sparse now
+    assert {m.layer for m in found} == set(start)
+    for m in found:
+        after = apply_move(start, m)
+        assert {n for n in start if after.get(n) != start[n]} == {m.layer}
+        frac = ah.Allocation.for_inventory(inv, after).cost(inv).params_fraction
+        # equal cost: the moved layer takes what it had plus the slack, ranks are integers
+        assert 0.6 - 0.01 < frac <= 0.6 + 1e-12
+    # three sparse shares of low-rank + sparse, one tucker2, per layer
+    assert len(found) == 4 * len(start)
+
+
+def test_local_search_spends_the_last_trials_on_moves_around_the_best(parts, tmp_path):
+    ss = make_study(parts, tmp_path, trials=10, local_search=0.5)
+    study = ss.run()
+    done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    local = [t for t in done if "local_of" in t.user_attrs]
+    assert len(local) == 5 and done[-5:] == local
+    by_number = {t.number: t for t in done}
+    for t in local:
+        parent = by_number[t.user_attrs["local_of"]]
+        # the parent was the best trial when the move was made
+        assert parent.values[0] == min(u.values[0] for u in done if u.number < t.number)
+        a, b = trial_layers(parent), trial_layers(t)
+        changed = {n for n in a.keys() | b.keys() if a.get(n) != b.get(n)}
+        assert changed == {t.user_attrs["local_layer"]}
+        assert t.values[1] <= 0.6 + 1e-12
+    # each layer is tried once per incumbent before any layer is tried twice
+    for parent in {t.user_attrs["local_of"] for t in local}:
+        layers = [t.user_attrs["local_layer"] for t in local if t.user_attrs["local_of"] == parent]
+        assert len(layers) == len(set(layers))
+    off = make_study(parts, tmp_path / "off", trials=10, local_search=0.0).run()
+    assert not any("local_of" in t.user_attrs for t in off.get_trials())
+
+
+def test_local_search_resumes_with_the_moves_it_would_have_made(parts, tmp_path):
+    whole = make_study(parts, tmp_path / "whole", trials=9, local_search=0.5).run()
+    ss = make_study(parts, tmp_path / "cut", trials=9, local_search=0.5)
+
+    def stop_in_local_phase(trial, study):
+        if sum("local_of" in t.user_attrs for t in study.get_trials(
+                states=(TrialState.COMPLETE,))) == 2:
+            study.stop()
+
+    ss.on_trial = stop_in_local_phase
+    ss.run()
+    cut = make_study(parts, tmp_path / "cut", trials=9, local_search=0.5).run()
+
+    def moves_of(study):
+        return [(t.user_attrs["local_of"], t.user_attrs["local_move"], t.values)
+                for t in study.get_trials(states=(TrialState.COMPLETE,))
+                if "local_of" in t.user_attrs]
+
+    assert len(moves_of(whole)) == 4 and moves_of(cut) == moves_of(whole)
+    assert not cut.get_trials(states=(TrialState.WAITING,))

@@ -36,6 +36,9 @@ def register(sub) -> None:
     p.add_argument("--quality", help="kl (default) | loss | disagreement")
     p.add_argument("--max-groups", type=int, help="cluster layers into at most this many")
     p.add_argument("--no-screen", action="store_true", help="evaluate every trial")
+    p.add_argument("--local-search", type=float, metavar="SHARE",
+                   help="share of --trials spent on one-layer moves around the best trial "
+                   "(default 0.3; 0 turns it off)")
     p.add_argument("--top-k", type=int, help="Pareto trials to fine-tune (default 2)")
     p.add_argument("--finetune-epochs", type=float)
     p.add_argument("--finetune-steps", type=int)
@@ -47,8 +50,8 @@ def register(sub) -> None:
 FLAGS = ("budget", "metric", "model", "checkpoint", "num_classes", "input_size", "data",
          "search_space", "out", "storage", "study_name", "sampler", "backend", "ray_address",
          "concurrency", "trials", "population", "seed", "calib", "batch_size", "bn_recal",
-         "quality", "max_groups", "top_k", "finetune_epochs", "finetune_steps", "finetune_lr",
-         "test_limit")
+         "quality", "max_groups", "local_search", "top_k", "finetune_epochs", "finetune_steps",
+         "finetune_lr", "test_limit")
 
 
 def resolve(args) -> SearchConfig:

@@ -350,6 +350,7 @@ class _StudySearch(OptunaSearch):
                 return Searcher.FINISHED
             if complete + len(self._live) >= d.target:
                 return None  # the running trials may reach the total
+            d.ss.enqueue_local_move()  # the last trials: moves around the best one so far
             try:
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", "Heartbeat of storage")  # ask() on RDB

@@ -19,6 +19,7 @@ from autohybrid.config import SearchConfig
 from autohybrid.cost import allocation_cost
 from autohybrid.exceptions import ConfigError
 from autohybrid.io import pid_alive
+from autohybrid.search.local import apply_move, moves
 from autohybrid.search.objective import Evaluator, NumericalError
 from autohybrid.search.params import ParamSpace
 from autohybrid.search.surrogate import Surrogate
@@ -235,6 +236,45 @@ class SearchStudy:
             trial.set_user_attr(k, v)
         return scores[self.cfg.quality], frac
 
+    # -- local search ---------------------------------------------------------------------
+    def local_trials(self) -> int:
+        """How many of ``--trials`` go to local moves around the best trial (the last ones)."""
+        if self.surrogate is None:
+            return 0
+        return min(self.cfg.trials - 1, round(self.cfg.local_search * self.cfg.trials))
+
+    def enqueue_local_move(self) -> bool:
+        """Once the sampled trials are done, enqueue the next local move (``search.local``)
+        around the best feasible trial so far, unless a trial is already waiting.
+
+        The move is the best predicted one not yet in the study, preferring layers that no
+        move from this incumbent has touched (coordinate descent: each layer gets one try per
+        incumbent before any gets a second). A rerun after a crash recomputes the same next
+        move from the stored trials, so nothing is lost or repeated."""
+        n_local = self.local_trials()
+        done = self.feasible()
+        if n_local <= 0 or not done or not (self.cfg.trials - n_local <= len(done)
+                                             < self.cfg.trials):
+            return False
+        trials = self.study.get_trials(deepcopy=False)
+        if any(t.state == TrialState.WAITING for t in trials):
+            return False
+        best = min(done, key=lambda t: (t.values[0], t.number))
+        incumbent = trial_layers(best)
+        seen = {t.user_attrs.get("allocation") for t in trials}
+        touched = {t.user_attrs.get("local_layer") for t in trials
+                   if t.user_attrs.get("local_of") == best.number}
+        fresh = [(m, dumped) for m in moves(self.ps, incumbent, self.cfg.budget, self.surrogate)
+                 if (dumped := _dump(apply_move(incumbent, m))) not in seen]
+        if not fresh:
+            return False
+        move, dumped = next(((m, d) for m, d in fresh if m.layer not in touched), fresh[0])
+        layers = apply_move(incumbent, move)
+        self.study.enqueue_trial(self.ps.params_for(layers), user_attrs={
+            "allocation": dumped, "local_of": best.number, "local_layer": move.layer,
+            "local_move": move.label, "local_predicted": move.predicted})
+        return True
+
     def _screen(self, predicted: float, frac: float) -> bool:
         if not self.cfg.screen or self._screened_in_a_row >= MAX_SCREENED_IN_A_ROW:
             return False
@@ -269,9 +309,12 @@ class SearchStudy:
             states = study.get_trials(deepcopy=False)
             if len(self.feasible()) >= target or len(states) >= 5 * target + 20:
                 study.stop()
+            else:
+                self.enqueue_local_move()
 
         if len(self.feasible()) < target:
             self.refit_surrogate()
+            self.enqueue_local_move()
             self.study.optimize(self.objective, callbacks=[callback], catch=(NumericalError,),
                                 gc_after_trial=False)
         return self.study
@@ -283,7 +326,8 @@ def _requeue(study: optuna.Study, t: FrozenTrial) -> None:
     ``TrialSeededSampler``) and its NSGA-II generation, which an enqueued trial never gets (it
     samples nothing): without it the rerun would not count towards its generation, and every
     later generation would shift by one trial."""
-    attrs = {k: v for k, v in t.user_attrs.items() if k in ("warm_start", "allocation")}
+    attrs = {k: v for k, v in t.user_attrs.items()
+             if k in ("warm_start", "allocation") or k.startswith("local_")}
     attrs["retry_of"] = t.number
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, user_attrs=attrs,
