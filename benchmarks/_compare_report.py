@@ -100,31 +100,41 @@ def versus(rows: dict, model: str, metric: str, budget: float) -> str:
 
 
 def summary(rows: dict, models, cells) -> str:
-    head = ["model", "cell", "L+S searched (after FT)", "best other row", "margin",
-            f"rows L+S beats by >= {NOISE:g} pt / ties / loses to"]
+    head = ["model", "cell", "L+S searched, before → after FT", "best other row after FT",
+            "margin after", "best other row before FT", "margin before",
+            f"rows L+S beats by >= {NOISE:g} pt / ties / loses to (after FT)",
+            "variant: + local moves, before → after FT"]
     out = []
     for model in models:
         for metric, budget in cells:
+            cell = f"{metric} {budget:g}"
             a = rows.get((model, metric, budget, "autohybrid"))
             others = [rows[k] for k in rows if k[:3] == (model, metric, budget)
                       and k[3] in METHOD_INFO and k[3] != "autohybrid"
                       and rows[k]["status"] == "ok"]
-            if a is None:
-                if others:
-                    out.append([model, f"{metric} {budget:g}", "pending", "", "", ""])
-                continue
-            if a["status"] != "ok":
-                out.append([model, f"{metric} {budget:g}", "unreachable", "", "", ""])
+            if a is None or a["status"] != "ok":
+                if others or a is not None:
+                    word = "pending" if a is None else "unreachable"
+                    out.append([model, cell, word, *[""] * (len(head) - 3)])
                 continue
             best = max(others, key=lambda d: d["test_top1_after"], default=None)
+            best_b = max(others, key=lambda d: d["test_top1_before"], default=None)
             diffs = [a["test_top1_after"] - d["test_top1_after"] for d in others]
             wins = sum(x >= NOISE for x in diffs)
             losses = sum(x <= -NOISE for x in diffs)
+            local = rows.get((model, metric, budget, "autohybrid_local"))
             out.append([
-                model, f"{metric} {budget:g}", _f(a["test_top1_after"]),
+                model, cell,
+                f"{_f(a['test_top1_before'])} → {_f(a['test_top1_after'])}",
                 f"{METHOD_INFO[best['method']][0]} {_f(best['test_top1_after'])}" if best else "",
                 _f(a["test_top1_after"] - best["test_top1_after"], "{:+.2f}") if best else "",
+                f"{METHOD_INFO[best_b['method']][0]} {_f(best_b['test_top1_before'])}"
+                if best_b else "",
+                _f(a["test_top1_before"] - best_b["test_top1_before"], "{:+.2f}")
+                if best_b else "",
                 f"{wins} / {len(others) - wins - losses} / {losses}",
+                f"{_f(local['test_top1_before'])} → {_f(local['test_top1_after'])}"
+                if local and local["status"] == "ok" else "",
             ])
     return _common.table(head, out, "ll" + "r" * (len(head) - 2))
 
@@ -190,9 +200,10 @@ def plot(rows: dict, model: str, cells, dense: dict, path: Path) -> bool:
 
 def generated(root: Path, models, cells, tag: str, md: Path) -> str:
     rows = load_rows(root)
-    if "quick" in tag:  # the quick run covers one model
+    if tag != "compare":  # the quick run and tagged runs cover some models only
         models = [m for m in models if any(k[0] == m for k in rows)]
-    quick = " --quick" if "quick" in tag else ""
+        cells = [c for c in cells if any(k[1:3] == c for k in rows)]
+    quick = " --quick" if tag == "compare-quick" else f" --tag {tag}" if tag != "compare" else ""
     settings = next((d["settings"] for d in rows.values()), None)
     grid, pending = status(rows, models, cells)
     parts = [

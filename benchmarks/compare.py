@@ -253,6 +253,10 @@ def main() -> None:
     ap.add_argument("--cells", nargs="+", help="metric:budget, e.g. params:0.3 macs:0.2")
     ap.add_argument("--methods", nargs="+", choices=list(ALL_INFO),
                     help="default: the eight of the comparison; variants only when named")
+    ap.add_argument("--tag", help="folder under benchmarks/results/ and benchmarks/out/ "
+                    "(default compare, compare-quick with --quick). A cell whose stored "
+                    "settings differ is redone, so runs with other settings belong in a tag "
+                    "of their own")
     for f in dataclasses.fields(Settings):
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default))
     args = ap.parse_args()
@@ -260,7 +264,7 @@ def main() -> None:
     s = dataclasses.replace(base, **{f.name: getattr(args, f.name) for f in
                                      dataclasses.fields(Settings)
                                      if getattr(args, f.name) is not None})
-    tag = "compare-quick" if args.quick else "compare"
+    tag = args.tag or ("compare-quick" if args.quick else "compare")
     if args.report:
         from _compare_report import write_report
 

@@ -210,3 +210,14 @@ def test_local_search_resumes_with_the_moves_it_would_have_made(parts, tmp_path)
 
     assert len(moves_of(whole)) == 4 and moves_of(cut) == moves_of(whole)
     assert not cut.get_trials(states=(TrialState.WAITING,))
+
+
+def test_a_move_that_failed_is_not_retried_from_the_next_incumbent(parts, tmp_path):
+    study = make_study(parts, tmp_path, trials=14, local_search=0.7).run()
+    done = {t.number: t for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    local = [t for t in done.values() if "local_of" in t.user_attrs]
+    failed = [t for t in local if t.values[0] >= done[t.user_attrs["local_of"]].values[0]]
+    assert len({t.user_attrs["local_of"] for t in local}) >= 2 and failed
+    for f in failed:
+        later = [t for t in local if t.number > f.number]
+        assert f.user_attrs["local_shape"] not in {t.user_attrs["local_shape"] for t in later}

@@ -38,6 +38,11 @@ class Move:
     predicted: float
 
     @property
+    def shape(self) -> str:
+        """The layer, method and ranks, without the sparsity the budget's slack decides."""
+        return f"{self.layer}:{self.spec.method}:{self.spec.factorization}:{list(self.spec.rank)}"
+
+    @property
     def label(self) -> str:
         return f"{self.layer} -> {describe(self.spec)}"
 

@@ -249,7 +249,10 @@ class SearchStudy:
 
         The move is the best predicted one not yet in the study, preferring layers that no
         move from this incumbent has touched (coordinate descent: each layer gets one try per
-        incumbent before any gets a second). A rerun after a crash recomputes the same next
+        incumbent before any gets a second). A move that measured no better than the trial
+        it started from (same layer, method and ranks: ``Move.shape``) is not tried again
+        from a later incumbent: incumbents differ in a few layers, so it would most likely
+        fail again. A rerun after a crash recomputes the same next
         move from the stored trials, so nothing is lost or repeated."""
         n_local = self.local_trials()
         done = self.feasible()
@@ -264,15 +267,21 @@ class SearchStudy:
         seen = {t.user_attrs.get("allocation") for t in trials}
         touched = {t.user_attrs.get("local_layer") for t in trials
                    if t.user_attrs.get("local_of") == best.number}
+        value = {t.number: t.values[0] for t in done}
+        failed = {t.user_attrs["local_shape"] for t in trials if "local_shape" in t.user_attrs
+                  and t.state.is_finished() and not value.get(t.number, float("inf"))
+                  < value.get(t.user_attrs["local_of"], float("inf"))}
         fresh = [(m, dumped) for m in moves(self.ps, incumbent, self.cfg.budget, self.surrogate)
-                 if (dumped := _dump(apply_move(incumbent, m))) not in seen]
+                 if m.shape not in failed
+                 and (dumped := _dump(apply_move(incumbent, m))) not in seen]
         if not fresh:
             return False
         move, dumped = next(((m, d) for m, d in fresh if m.layer not in touched), fresh[0])
         layers = apply_move(incumbent, move)
         self.study.enqueue_trial(self.ps.params_for(layers), user_attrs={
             "allocation": dumped, "local_of": best.number, "local_layer": move.layer,
-            "local_move": move.label, "local_predicted": move.predicted})
+            "local_shape": move.shape, "local_move": move.label,
+            "local_predicted": move.predicted})
         return True
 
     def _screen(self, predicted: float, frac: float) -> bool:
