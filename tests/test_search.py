@@ -221,3 +221,22 @@ def test_a_move_that_failed_is_not_retried_from_the_next_incumbent(parts, tmp_pa
     for f in failed:
         later = [t for t in local if t.number > f.number]
         assert f.user_attrs["local_shape"] not in {t.user_attrs["local_shape"] for t in later}
+
+
+@pytest.mark.parametrize("methods", [["sparse"], ["tucker2"]])
+def test_warm_starts_keep_to_the_methods_the_space_allows(parts, methods):
+    import dataclasses
+
+    model, inv, x, y, table = parts
+    space = dataclasses.replace(SPACE, methods={"conv": methods})
+    df = table.df[table.df.method.isin(methods)]
+    ps = ParamSpace(space, inv, group_layers(space, inv, df, 24, 0), "params")
+    starts = warm_starts(ps, df, model, 0.6)
+    assert "uniform" in starts
+    if methods == ["sparse"]:
+        assert "global_magnitude" in starts
+    else:
+        assert "global_magnitude" not in starts
+    for name, layers in starts.items():
+        assert layers and {s.method for s in layers.values()} <= set(methods), name
+        assert ah.Allocation.for_inventory(inv, layers).cost(inv).params_fraction <= 0.6

@@ -7,7 +7,9 @@
 - ``global_magnitude``: one magnitude threshold across all searched layers (global
   unstructured pruning); each layer's sparsity is what that threshold implies.
 - ``error_threshold`` (ALDS-style): like greedy, on the relative reconstruction error.
-Each returns per-layer specs, or None when it cannot reach the budget.
+Each returns per-layer specs, or None when it cannot reach the budget. Every start keeps to
+the methods the search space allows each layer: a sparse-only space gets a uniform sparse
+start and no low-rank anywhere.
 """
 
 from __future__ import annotations
@@ -27,10 +29,26 @@ from autohybrid.spec import LayerSpec
 __all__ = ["warm_starts", "uniform", "threshold", "global_magnitude"]
 
 
+def _allowed(ps: ParamSpace) -> dict[str, tuple[str, ...]]:
+    """Layer name -> the methods the search space allows it (never ``dense``)."""
+    return {name: tuple(m for m in g.methods if m != "dense")
+            for g in ps.groups for name in g.layers}
+
+
 def uniform(ps: ParamSpace, budget: float):
-    layers = ps.space.compressible(ps.inv)
+    """One level everywhere: low-rank + sparse where the space allows it, else sparse, else
+    the layer's first allowed low-rank method."""
+    allowed = _allowed(ps)
+    layers = [la for la in ps.space.compressible(ps.inv) if allowed.get(la.name)]
+    if not layers:
+        return None
+
+    def method(name: str) -> str:
+        ms = allowed[name]
+        return next((m for m in (HYBRID, "sparse") if m in ms), ms[0])
+
     try:
-        specs, _ = search_level(ps.inv, lambda la, x: ps.spec(la, HYBRID, x), budget,
+        specs, _ = search_level(ps.inv, lambda la, x: ps.spec(la, method(la.name), x), budget,
                                 ps.metric, layers=layers)
     except BudgetError:
         return None
@@ -66,8 +84,12 @@ def threshold(ps: ParamSpace, table: pd.DataFrame, column: str, budget: float):
 
 
 def global_magnitude(ps: ParamSpace, model: torch.nn.Module, budget: float):
-    """One |w| threshold over every searched layer, sparsity per layer as it implies."""
-    layers = ps.space.compressible(ps.inv)
+    """One |w| threshold over every searched layer the space lets be sparse, sparsity per
+    layer as it implies."""
+    allowed = _allowed(ps)
+    layers = [la for la in ps.space.compressible(ps.inv) if "sparse" in allowed.get(la.name, ())]
+    if not layers:
+        return None
     weights = {la.name: model.get_submodule(la.name).weight.detach().abs().flatten()
                for la in layers}
     all_w = torch.cat(list(weights.values())).sort().values
