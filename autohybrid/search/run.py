@@ -195,10 +195,19 @@ def write_front(study: optuna.Study, out: Path, budget: float | None) -> list:
             meta={"study": study.study_name, "trial": t.number,
                   "quality": {attrs.get("quality", "kl"): t.values[0]},
                   "top1_calibration": t.user_attrs.get("top1"),
-                  "warm_start": t.user_attrs.get("warm_start")},
+                  "warm_start": t.user_attrs.get("warm_start"), "origin": origin(t)},
         )
         alloc.save(out / "allocations" / f"trial-{t.number:04d}.yaml")
     return front
+
+
+def origin(t) -> str:
+    """Where a trial came from: a warm start, a local move (``search.local``), the sampler."""
+    if t.user_attrs.get("warm_start"):
+        return f"warm start {t.user_attrs['warm_start']}"
+    if "local_of" in t.user_attrs:
+        return f"local move from trial {t.user_attrs['local_of']}: {t.user_attrs['local_move']}"
+    return "sampled"
 
 
 def finetune_front(cfg, study, front, model, data, out: Path, inv) -> list[dict]:
@@ -221,6 +230,7 @@ def finetune_front(cfg, study, front, model, data, out: Path, inv) -> list[dict]
             "params_fraction": t.user_attrs["params_fraction"],
             "macs_fraction": t.user_attrs["macs_fraction"],
             "warm_start": t.user_attrs.get("warm_start", ""),
+            "origin": origin(t),
             "allocation": f"allocations/trial-{t.number:04d}.yaml",
         }
         key = str(t.number)
@@ -256,13 +266,13 @@ def _print_front(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="Pareto front (within budget)")
-    for col in ("trial", "params", "MACs", "calib top-1", "test before", "test after", "start"):
+    for col in ("trial", "params", "MACs", "calib top-1", "test before", "test after", "origin"):
         table.add_column(col)
     for r in rows:
         table.add_row(
             str(r["trial"]), f"{r['params_fraction']:.3f}", f"{r['macs_fraction']:.3f}",
             f"{r.get('top1_calibration') or float('nan'):.2f}",
             f"{r.get('test_top1_before', float('nan')):.2f}",
-            f"{r.get('test_top1_after', float('nan')):.2f}", r.get("warm_start") or "",
+            f"{r.get('test_top1_after', float('nan')):.2f}", r.get("origin", ""),
         )
     console.print(table)
