@@ -240,3 +240,25 @@ def test_warm_starts_keep_to_the_methods_the_space_allows(parts, methods):
     for name, layers in starts.items():
         assert layers and {s.method for s in layers.values()} <= set(methods), name
         assert ah.Allocation.for_inventory(inv, layers).cost(inv).params_fraction <= 0.6
+
+
+def test_threshold_warm_starts_take_the_cheapest_candidate_in_the_budget_metric():
+    """A tensor-train Linear holds few params and many MACs (16 tokens here): ranking a
+    layer's candidates by params made greedy / error-threshold unreachable at MACs budgets."""
+    from autohybrid.search.warm_start import threshold
+    from autohybrid.search_space import load_search_space
+
+    torch.manual_seed(0)
+    model = create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1).eval()
+    inv = ah.inventory(model, (3, 32, 32))
+    space = load_search_space("vit_tiny_patch16_224")
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    df = sensitivity(model, inv, space, x, y, bn_recal=False, progress=False).df
+    for metric in ("macs", "params"):
+        ps = ParamSpace(space, inv, group_layers(space, inv, df, 24, 0), metric)
+        for column in ("kl", "rel_error"):
+            layers = threshold(ps, df, column, 0.5)
+            assert layers is not None, (metric, column)
+            assert ps.fraction(layers) <= 0.5
+            if metric == "macs":
+                assert all(s.method != "tt" for s in layers.values())

@@ -56,10 +56,12 @@ def uniform(ps: ParamSpace, budget: float):
 
 
 def threshold(ps: ParamSpace, table: pd.DataFrame, column: str, budget: float):
-    """Per layer the cheapest candidate with ``column`` <= tau; tau binary-searched."""
+    """Per layer the cheapest candidate with ``column`` <= tau; tau binary-searched.
+    Cheapest in the budget's metric: a tensor-train Linear holds few params and many MACs."""
     options = {}
     for name, rows in table.groupby("layer", sort=False):
-        rows = rows.sort_values("params")
+        rows = rows.sort_values([ps.metric, "params" if ps.metric == "macs" else "macs"],
+                                kind="stable")
         options[name] = [(float(r[column]), spec_from_row(r)) for _, r in rows.iterrows()]
 
     def at(tau: float) -> dict[str, LayerSpec]:
