@@ -53,6 +53,8 @@ VARIANT_INFO = {
     "autohybrid_g6": ("variant: L+S searched, at most 6 layer groups", "search"),
     "autohybrid_loss": ("variant: L+S searched, quality = calibration loss", "search"),
     "autohybrid_local": ("variant: L+S searched, last 30 % of trials local moves", "search"),
+    "autohybrid_now": ("variant: L+S searched as the package now runs it (+ per-family "
+                       "threshold starts, + local moves)", "search"),
     "dense_finetuned": ("control: the dense model, same fine-tune", "fixed"),
 }
 
@@ -251,6 +253,10 @@ ALLOCATORS: dict[str, Callable] = {
     "autohybrid_loss": lambda c, m, b: searched(c, m, b, "autohybrid_loss", None, quality="loss"),
     "autohybrid_local": lambda c, m, b: searched(c, m, b, "autohybrid_local", None,
                                                  local_search=0.3),
+    # the same, after warm_starts gained the per-family threshold starts (later than the
+    # autohybrid_local rows: a stored row keeps the starts it was run with)
+    "autohybrid_now": lambda c, m, b: searched(c, m, b, "autohybrid_now", None,
+                                               local_search=0.3),
     # what the fine-tune recipe alone does to the uncompressed network (ignores the budget)
     "dense_finetuned": lambda c, m, b: Result({}, extra={"control": True}),
 }

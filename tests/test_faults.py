@@ -117,23 +117,26 @@ def _partial_layers(folder: Path) -> list[str]:
     return []
 
 
-def _trial_rows(out: Path) -> list[tuple[int, str, bool]]:
-    """(number, state, allocation decided) per trial, read straight from the SQLite file."""
+def _trial_rows(out: Path) -> list[tuple[int, str, bool, bool]]:
+    """(number, state, allocation decided, enqueued: a warm start or a local move) per trial,
+    read straight from the SQLite file."""
     try:
         with closing(sqlite3.connect(f"file:{out / 'study.db'}?mode=ro", uri=True)) as db:
             return db.execute(
                 "SELECT number, state, EXISTS(SELECT 1 FROM trial_user_attributes a WHERE "
-                "a.trial_id = t.trial_id AND a.key = 'allocation') FROM trials t").fetchall()
+                "a.trial_id = t.trial_id AND a.key = 'allocation'), "
+                "EXISTS(SELECT 1 FROM trial_user_attributes a WHERE a.trial_id = t.trial_id "
+                "AND a.key IN ('warm_start', 'local_of')) FROM trials t").fetchall()
     except sqlite3.Error:  # no file, no schema yet, or busy
         return []
 
 
 def _mid_trial(out: Path) -> bool:
-    """Killed here, the trial that is RUNNING was drawn by the sampler (the four warm starts
-    come first) and is being scored."""
+    """Killed here, the trial that is RUNNING was drawn by the sampler (not a warm start or a
+    local move) and is being scored."""
     rows = _trial_rows(out)
-    return sum(s == "COMPLETE" for _, s, _ in rows) >= 5 and any(
-        s == "RUNNING" and alloc for _, s, alloc in rows)
+    return sum(s == "COMPLETE" for _, s, _, _ in rows) >= 5 and any(
+        s == "RUNNING" and alloc and not fixed for _, s, alloc, fixed in rows)
 
 
 def _checkpoints(out: Path) -> list[Path]:

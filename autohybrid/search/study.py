@@ -160,7 +160,10 @@ class SearchStudy:
             for k, v in mine.items():
                 study.set_user_attr(k, v)
             study.set_user_attr("model", self.identity)
-            for name, layers in (warm or {}).items():
+            # the four classic warm starts always; the per-family ones up to half of the
+            # trials before the local moves, so the sampler keeps the other half
+            room = max(4, (self.cfg.trials - self.local_trials()) // 2)
+            for name, layers in list((warm or {}).items())[:room]:
                 study.enqueue_trial(self.ps.params_for(layers), user_attrs={
                     "warm_start": name, "allocation": _dump(layers)})
         else:
