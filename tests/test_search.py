@@ -262,3 +262,17 @@ def test_threshold_warm_starts_take_the_cheapest_candidate_in_the_budget_metric(
             assert ps.fraction(layers) <= 0.5
             if metric == "macs":
                 assert all(s.method != "tt" for s in layers.values())
+
+
+def test_mixed_spaces_get_threshold_starts_per_method_family(parts):
+    model, inv, x, y, table = parts
+    ps = ParamSpace(SPACE, inv, group_layers(SPACE, inv, table.df, 24, 0), "params")
+    starts = warm_starts(ps, table.df, model, 0.6)
+    family = {"sparse": {"sparse"}, "lowrank": {"tucker2"}, "hybrid": {"lowrank+sparse"}}
+    extra = [k for k in starts if k.split("_")[-1] in family]
+    assert extra and list(starts)[:4] == ["uniform", "greedy", "global_magnitude",
+                                          "error_threshold"]
+    for name in extra:
+        assert {s.method for s in starts[name].values()} <= family[name.split("_")[-1]], name
+    values = list(starts.values())
+    assert all(values.count(v) == 1 for v in values)  # identical allocations kept once
