@@ -255,8 +255,8 @@ class SearchStudy:
         incumbent before any gets a second). A move that measured no better than the trial
         it started from (same layer, method and ranks: ``Move.shape``) is not tried again
         from a later incumbent: incumbents differ in a few layers, so it would most likely
-        fail again. A rerun after a crash recomputes the same next
-        move from the stored trials, so nothing is lost or repeated."""
+        fail again. A rerun after a crash recomputes the same next move from the stored
+        trials, so nothing is lost or repeated."""
         n_local = self.local_trials()
         done = self.feasible()
         if n_local <= 0 or not done or not (self.cfg.trials - n_local <= len(done)
