@@ -78,11 +78,6 @@ def restrict(space: SearchSpace, keep: frozenset[str] | None) -> SearchSpace:
                                methods={k: v for k, v in methods.items() if v})
 
 
-def allowed(space: SearchSpace, inv, layers: dict[str, LayerSpec]) -> bool:
-    """Every spec uses a method the space allows for that layer's kind."""
-    return all(s.method in space.methods.get(inv[n].kind, []) for n, s in layers.items())
-
-
 def table_for(space: SearchSpace, inv, df: pd.DataFrame) -> pd.DataFrame:
     """Sensitivity rows of the candidates ``space`` allows (one table serves every search)."""
     keep = df.apply(lambda r: r["method"] in space.methods.get(inv[r["layer"]].kind, []), axis=1)
@@ -198,13 +193,9 @@ def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None,
     low = smallest_fraction(ps)
     if budget < low:
         return Result(None, reason=f"smallest fraction this space reaches is {low:.3f}")
-    warm = {k: v for k, v in warm_start.warm_starts(ps, df, ctx.model, budget).items()
-            if allowed(space, ctx.inv, v)}
-    if keep is not None and "uniform" not in warm:  # the package's uniform start is L+S
-        pick = (lambda la: "sparse") if keep == SPARSE_ONLY else lowrank_pick(space)
-        layers, _ = uniform_with(ps, pick, budget)
-        if layers:
-            warm["uniform"] = layers
+    # the package's starts keep to the restricted space's methods (the stored restricted rows
+    # were run before that fix, with the same starts filtered and a uniform one added here)
+    warm = warm_start.warm_starts(ps, df, ctx.model, budget)
     cfg = SearchConfig(model=ctx.name, budget=budget, metric=metric,
                        trials=ctx.trials * trials_factor, calib=ctx.calib, seed=ctx.seed,
                        max_groups=max_groups, data=ctx.data_spec, sampler=sampler,

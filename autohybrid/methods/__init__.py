@@ -19,6 +19,7 @@ __all__ = [
     "rel_error",
     "applicable_methods",
     "default_factorization",
+    "family",
     "LOWRANK",
     "HYBRID",
 ]
@@ -35,6 +36,13 @@ def applicable_methods(layer) -> tuple[str, ...]:
     if not layer.supported:
         return ()
     return tuple(name for name, m in METHODS.items() if m.applies_to(layer))
+
+
+def family(method: str) -> str:
+    """``sparse``, ``lowrank+sparse``, ``lowrank`` (any factorization), or the name itself."""
+    if method in (HYBRID, "sparse"):
+        return method
+    return LOWRANK if METHODS[method].lowrank else method
 
 
 def default_factorization(layer) -> str | None:

@@ -40,7 +40,8 @@ class Move:
     @property
     def shape(self) -> str:
         """The layer, method and ranks, without the sparsity the budget's slack decides."""
-        return f"{self.layer}:{self.spec.method}:{self.spec.factorization}:{list(self.spec.rank)}"
+        method, factorization, rank = _shape(self.spec)
+        return f"{self.layer}:{method}:{factorization}:{list(rank)}"
 
     @property
     def label(self) -> str:
@@ -59,10 +60,7 @@ def describe(spec: LayerSpec) -> str:
 
 
 def _cost(layer: LayerInfo, spec: LayerSpec, metric: str) -> int:
-    if spec.method == "dense":
-        return layer.params if metric == "params" else layer.macs
-    c = layer_cost(layer, spec)
-    return c.params if metric == "params" else c.macs
+    return getattr(layer_cost(layer, spec), metric)
 
 
 def _largest_fitting(ps: ParamSpace, layer: LayerInfo, method: str, share: float,
@@ -84,14 +82,10 @@ def _largest_fitting(ps: ParamSpace, layer: LayerInfo, method: str, share: float
     return spec(math.exp(lo))
 
 
-def _same_shape(a: LayerSpec, b: LayerSpec) -> bool:
-    """Same method and ranks: only the sparsity differs, so the move would merely spend the
-    budget's slack on this layer (a level change, not a method change)."""
-    return a.method == b.method and a.factorization == b.factorization and a.rank == b.rank
-
-
-def _predicted(surrogate: Surrogate, name: str, spec: LayerSpec) -> float:
-    return 0.0 if spec.method == "dense" else surrogate.additive({name: spec})
+def _shape(spec: LayerSpec) -> tuple:
+    """Method and ranks, without the sparsity. Two specs of one shape differ only in how
+    much of the budget's slack the layer spends: a level change, not a method change."""
+    return spec.method, spec.factorization, tuple(spec.rank)
 
 
 def moves(ps: ParamSpace, layers: dict[str, LayerSpec], budget: float,
@@ -101,23 +95,22 @@ def moves(ps: ParamSpace, layers: dict[str, LayerSpec], budget: float,
     takes the layer's current cost plus the allocation's slack (so the move is cost-neutral
     up to what the budget leaves free)."""
     total = allocation_cost(ps.inv, layers)
-    dense_total = total.dense_params if ps.metric == "params" else total.dense_macs
-    slack = budget * dense_total - (total.params if ps.metric == "params" else total.macs)
+    slack = budget * getattr(total, f"dense_{ps.metric}") - getattr(total, ps.metric)
     out: list[Move] = []
     for g in ps.groups:
         for name in g.layers:
             layer = ps.inv[name]
             old = layers.get(name, LayerSpec())
             allowed = _cost(layer, old, ps.metric) + max(slack, 0.0)
-            before = _predicted(surrogate, name, old)
+            before = surrogate.additive({name: old})
             seen = {old}
             for method in g.methods[1:]:
                 for share in (SHARES if method == HYBRID else (0.5,)):
                     spec = _largest_fitting(ps, layer, method, share, allowed)
-                    if spec is None or spec in seen or _same_shape(spec, old):
+                    if spec is None or spec in seen or _shape(spec) == _shape(old):
                         continue
                     seen.add(spec)
-                    out.append(Move(name, spec, _predicted(surrogate, name, spec) - before))
+                    out.append(Move(name, spec, surrogate.additive({name: spec}) - before))
     out.sort(key=lambda m: (m.predicted, m.layer, m.label))
     return out
 

@@ -258,9 +258,10 @@ class SearchStudy:
         fail again. A rerun after a crash recomputes the same next move from the stored
         trials, so nothing is lost or repeated."""
         n_local = self.local_trials()
+        if n_local <= 0:  # off: nothing to read from the storage
+            return False
         done = self.feasible()
-        if n_local <= 0 or not done or not (self.cfg.trials - n_local <= len(done)
-                                             < self.cfg.trials):
+        if not done or not self.cfg.trials - n_local <= len(done) < self.cfg.trials:
             return False
         trials = self.study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):

@@ -12,7 +12,7 @@ import pandas as pd
 from sklearn.linear_model import HuberRegressor
 
 from autohybrid.inventory import Inventory
-from autohybrid.methods import HYBRID, METHODS
+from autohybrid.methods import METHODS, family
 from autohybrid.spec import LayerSpec
 
 __all__ = ["Surrogate"]
@@ -20,18 +20,12 @@ __all__ = ["Surrogate"]
 EPS = 1e-6
 
 
-def _family(method: str) -> str:
-    if method == HYBRID or method == "sparse":
-        return method
-    return "lowrank" if METHODS[method].lowrank else method
-
-
 class Surrogate:
     def __init__(self, table: pd.DataFrame, inv: Inventory, signal: str = "kl"):
         self.inv, self.signal = inv, signal
         self.curves: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
         df = table.assign(
-            family=[_family(m) for m in table.method],
+            family=[family(m) for m in table.method],
             kept=table.params / (table.params + table.params_saved),
         )
         for (layer, fam), rows in df.groupby(["layer", "family"]):
@@ -46,7 +40,9 @@ class Surrogate:
         """Sum of per-layer sensitivities (the first-order prediction)."""
         total = 0.0
         for name, spec in layers.items():
-            curve = self.curves.get((name, _family(spec.method)))
+            if spec.method == "dense":  # unchanged: no sensitivity
+                continue
+            curve = self.curves.get((name, family(spec.method)))
             if curve is None:
                 curve = next((c for (n, _), c in self.curves.items() if n == name), None)
             if curve is None:

@@ -21,7 +21,7 @@ import torch
 from autohybrid.allocation import search_level
 from autohybrid.cost import allocation_cost
 from autohybrid.exceptions import BudgetError
-from autohybrid.methods import HYBRID
+from autohybrid.methods import HYBRID, LOWRANK, family
 from autohybrid.search.params import ParamSpace
 from autohybrid.sensitivity import spec_from_row
 from autohybrid.spec import LayerSpec
@@ -131,21 +131,17 @@ def warm_starts(ps: ParamSpace, table: pd.DataFrame, model, budget: float) -> di
         "global_magnitude": global_magnitude(ps, model, budget),
         "error_threshold": threshold(ps, table, "rel_error", budget),
     }
-    families = {m: _family(m) for m in table.method.unique()} if len(table) else {}
-    if len(set(families.values())) > 1:
-        order = ("sparse", "lowrank", "hybrid")  # single-family first: the mixed rule had its go
-        for fam in sorted(set(families.values()), key=order.index):
-            rows = table[table.method.map(families) == fam]
-            starts[f"greedy_{fam}"] = threshold(ps, rows, "kl", budget)
-            starts[f"error_threshold_{fam}"] = threshold(ps, rows, "rel_error", budget)
+    fams = table.method.map(family) if len(table) else pd.Series(dtype=str)
+    if fams.nunique() > 1:
+        # single-family first (the mixed rule had its go), named sparse / lowrank / hybrid
+        for fam, label in (("sparse", "sparse"), (LOWRANK, "lowrank"), (HYBRID, "hybrid")):
+            rows = table[fams == fam]
+            if len(rows):
+                starts[f"greedy_{label}"] = threshold(ps, rows, "kl", budget)
+                starts[f"error_threshold_{label}"] = threshold(ps, rows, "rel_error", budget)
     out: dict[str, dict] = {}
     for k, v in starts.items():
         if v is not None and v not in out.values():
             out[k] = v
     return out
 
-
-def _family(method: str) -> str:
-    if method in ("sparse", HYBRID):
-        return "sparse" if method == "sparse" else "hybrid"
-    return "lowrank"
