@@ -1,9 +1,9 @@
 """Many workers on one study (PostgreSQL, journal file), a worker killed with SIGKILL, the Ray
 backend with an interrupted and resumed Tune experiment, and storage URLs with passwords.
 
-Workers are forked processes (their own pids, storages and connections; killable; no second
-round of imports), on a tiny setup: CIFAR ResNet-20 with random weights, 32 random images, the
-six convs of layer3 searched, no sensitivity table, no surrogate, no fine-tuning.
+Workers are processes of their own (fresh interpreters: their own pids, storages and
+connections; killable), on a tiny setup: CIFAR ResNet-20 with random weights, 32 random
+images, the six convs of layer3 searched, no sensitivity table, no surrogate, no fine-tuning.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def worker(out: str, storage: str | None, trials: int, study: str = "s", slow: f
            ready: str | None = None, workers: int = 1) -> None:
     """One Optuna worker process: open the study, wait for the others (``ready``), run to
     the total; write the numbers of the trials it completed to OUT/report.json."""
-    torch.set_num_threads(1)  # a forked child: no OpenMP pool from the parent
+    torch.set_num_threads(1)  # workers side by side on few cores
     t0 = time.time()
     cfg, storage_, ps, ev, warm, _ = build(out, storage, trials, slow)
     done: list[int] = []
@@ -105,9 +105,10 @@ def worker(out: str, storage: str | None, trials: int, study: str = "s", slow: f
 
 
 def spawn(**kwargs) -> multiprocessing.Process:
-    """``worker(**kwargs)`` in a forked process: a real separate process (its own pid, its own
-    storage connections, killable), without paying the imports again."""
-    proc = multiprocessing.get_context("fork").Process(target=worker, kwargs=kwargs)
+    """``worker(**kwargs)`` in a real separate process (its own pid, its own storage
+    connections, killable). Spawned, not forked: a fork of this process (torch's thread pools,
+    Ray's gRPC threads once a Ray test ran) can crash in the child."""
+    proc = multiprocessing.get_context("spawn").Process(target=worker, kwargs=kwargs)
     proc.start()
     return proc
 

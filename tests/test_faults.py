@@ -15,10 +15,10 @@ no ../shared), the six convs of layer3 searched, 16 fine-tune steps.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -28,21 +28,17 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-import sklearn.datasets  # noqa: F401
-import sklearn.model_selection  # noqa: F401
 import torch
 from optuna.trial import TrialState
 from safetensors.torch import load_file
 
-import autohybrid.report  # noqa: F401  (imported here once, not in every forked run)
-import autohybrid.search.report  # noqa: F401
-import autohybrid.search.run  # noqa: F401
-from autohybrid.cli.main import main
 from autohybrid.export import WEIGHTS
 from autohybrid.finetune import CHECKPOINT_NAME
 from autohybrid.models import create_model
 from tests.test_distributed import IDENTITY, build, check_complete
 from tests.test_pipeline import SPACE  # the same tiny layer3 space
+
+REPO = Path(__file__).resolve().parents[1]
 
 LAYERS = 6  # layer3.{0,1,2}.conv{1,2}
 STEPS = 16  # fine-tune steps; digits' 1437 training images make 11 per epoch: a checkpoint at 11
@@ -61,48 +57,39 @@ def _search(d: Path, out: Path) -> list[str]:
             "4", "--top-k", "1", "--finetune-steps", str(STEPS)]
 
 
-def _cli(argv: list[str], log: str) -> None:
-    """``autohybrid ARGV`` in this (forked) process, its output into ``log``."""
-    stream = open(log, "w", buffering=1)
-    os.dup2(stream.fileno(), 1)
-    os.dup2(stream.fileno(), 2)
-    sys.stdout = sys.stderr = stream
-    torch.set_num_threads(1)  # a forked child: no OpenMP pool from the parent
-    sys.exit(main(argv))
-
-
 class Run:
-    """``autohybrid ARGV`` as a process of its own: forked from this one (so it pays no second
-    round of imports), running the CLI's ``main`` as ``python -m autohybrid.cli.main`` would."""
+    """``autohybrid ARGV`` as a process of its own, started as a user starts it
+    (``python -m autohybrid.cli.main ARGV``), its output into ``log``. A fresh interpreter, not
+    a fork: a fork of this process (which holds torch's thread pools and, after the Ray tests,
+    gRPC threads) can crash in the child before it reaches the CLI."""
 
     def __init__(self, argv: list[str], log: Path):
         self.log = log
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.proc = multiprocessing.get_context("fork").Process(target=_cli,
-                                                                args=(argv, str(log)))
-        self.proc.start()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        with open(log, "w") as stream:
+            self.proc = subprocess.Popen([sys.executable, "-m", "autohybrid.cli.main", *argv],
+                                         stdout=stream, stderr=subprocess.STDOUT, env=env,
+                                         cwd=REPO)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace").replace("\r", "\n")
 
     def finish(self, timeout: float = 300) -> str:
-        self.proc.join(timeout)
-        assert self.proc.exitcode == 0, f"exit {self.proc.exitcode}:\n{self.text()[-3000:]}"
+        code = self.proc.wait(timeout)
+        assert code == 0, f"exit {code}:\n{self.text()[-3000:]}"
         return self.text()
 
     def kill_when(self, ready, timeout: float = 240) -> float:
         """SIGKILL as soon as ``ready()``; the time of the kill."""
         deadline = time.time() + timeout
         while not ready():
-            assert self.proc.is_alive(), f"ended ({self.proc.exitcode}) before the kill:\n" \
+            assert self.proc.poll() is None, f"ended ({self.proc.returncode}) before the kill:\n" \
                 f"{self.text()[-3000:]}"
             assert time.time() < deadline, f"timed out:\n{self.text()[-3000:]}"
             time.sleep(0.02)
         os.kill(self.proc.pid, signal.SIGKILL)
         killed = time.time()
-        self.proc.join(30)
-        assert self.proc.exitcode == -signal.SIGKILL
+        assert self.proc.wait(30) == -signal.SIGKILL
         return killed
 
 
@@ -189,8 +176,9 @@ def runs(tmp_path_factory):
         facts["log4"] = Run(_search(d, out), d / "rerun.log").finish()
         facts["ref_log"] = reference.finish()
     finally:
-        if reference.proc.is_alive():
+        if reference.proc.poll() is None:
             reference.proc.kill()
+            reference.proc.wait()
     return facts
 
 
@@ -348,8 +336,6 @@ def test_ray_trial_process_killed_is_retried_by_ray(tmp_path):
 
 # -- leftovers of a writer killed between write and rename ----------------------------------
 def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
-    import subprocess
-
     from autohybrid.io import atomic_path, remove_stale_temps
 
     dead = subprocess.Popen(["true"])
