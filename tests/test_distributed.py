@@ -336,7 +336,9 @@ def test_ray_backend_interrupted_then_resumed_with_a_larger_total(tmp_path):
     study = run_ray(cfg, storage, "s", ps, ev, None, IDENTITY, warm)
     trials = study.get_trials()
     done = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert len(done) == 10  # one driver: the searcher stops at the total exactly
+    # one driver: the searcher stops at the total exactly, counted as SearchStudy.run counts
+    # (evaluated within the budget; infeasible trials are told without a Ray trial)
+    assert len([t for t in done if t.user_attrs["constraint"] <= 0]) == 10
     assert all({t.number: t.values for t in done}[n] == v for n, v in before.items())
     # the trials Tune had running were run again by the restored experiment, as themselves
     assert all(trials[n].state == TrialState.COMPLETE for n in running)
@@ -361,6 +363,25 @@ def test_password_is_masked_in_urls_and_errors(tmp_path):
     assert "secret" not in str(e.value) and "127.0.0.1:1" in str(e.value)
     SearchConfig(storage=url).save(tmp_path / "config.yaml")
     assert "secret" not in (tmp_path / "config.yaml").read_text()
+
+
+def test_ray_stops_at_trials_within_the_budget_as_the_optuna_path_does():
+    """``--trials`` counts evaluated trials within the budget on both backends: trials that
+    could not be repaired into the budget (told COMPLETE, never evaluated) do not count."""
+    pytest.importorskip("ray")
+    from types import SimpleNamespace
+
+    from autohybrid.search.ray_backend import _Driver
+
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for constraint in (-0.01, 0.2, 0.0, 0.3):  # two within the budget, two over it
+        study.add_trial(optuna.trial.create_trial(values=[1.0, 0.5],
+                                                  user_attrs={"constraint": constraint}))
+    study.add_trial(optuna.trial.create_trial(state=TrialState.RUNNING))
+    ss = SimpleNamespace(study=study, cfg=SearchConfig(trials=3))
+    ss.completed = lambda: SearchStudy.completed(ss)
+    assert _Driver(ss).counts(fresh=True) == (2, 5)
+    assert len(SearchStudy.feasible(ss)) == 2  # what SearchStudy.run stops on
 
 
 def test_unreachable_ray_address_is_a_config_error(tmp_path):

@@ -27,7 +27,9 @@ def register(sub) -> None:
     p.add_argument("--ray-address", help="existing Ray cluster (default: local Ray)")
     p.add_argument("--concurrency", type=int, help="parallel trials with --backend ray")
     p.add_argument("--resume", action="store_true", help="resume an interrupted Ray experiment")
-    p.add_argument("--trials", type=int, help="completed trials to reach (default 40)")
+    p.add_argument("--trials", type=int,
+                   help="evaluated trials within the budget to reach, on either backend "
+                        "(default 40)")
     p.add_argument("--population", type=int, help="NSGA-II population size")
     p.add_argument("--seed", type=int)
     p.add_argument("--calib", type=int, help="calibration images from the train split")

@@ -24,9 +24,10 @@ How the pieces fit:
   Ray trials thus carry the same user attrs as Optuna-path trials (allocation, scale,
   params/macs_fraction, constraint, predicted, top1, kl, loss, agreement, warm_start, ...)
   plus ``ray_trial``.
-- The searcher stops suggesting once completed + running trials reach ``cfg.trials`` and ends
-  the experiment when the completed ones do, so Ray reaches the total exactly unless other
-  workers share the study. A killed trial process is retried by Ray (``max_failures=2``).
+- The searcher stops suggesting once evaluated-within-budget + running trials reach
+  ``cfg.trials`` and ends the experiment when the evaluated ones do (the count of
+  SearchStudy.run: infeasible trials do not count), so Ray reaches the total exactly unless
+  other workers share the study. A killed trial process is retried by Ray (``max_failures=2``).
 - ``--resume`` restores the interrupted Tune experiment in ``OUT/ray_results/STUDY``: the
   trials it had running run again under their own Optuna trials (which therefore stay RUNNING
   until then), at the concurrency it was started with; if the total is still not reached, a
@@ -85,7 +86,8 @@ def run_ray(
     identity: dict,
     warm: dict | None,
 ) -> optuna.Study:
-    """Run the study's trials on Ray until ``cfg.trials`` of them are complete."""
+    """Run the study's trials on Ray until ``cfg.trials`` of them are evaluated within the
+    budget (infeasible ones, told without a Ray trial, do not count)."""
     global _ACTIVE
     from autohybrid.search.run import _progress, console
 
@@ -244,14 +246,16 @@ class _Driver:
         self._counted = (-1e9, 0, 0)
 
     def counts(self, fresh: bool = False) -> tuple[int, int]:
-        """(complete trials, all trials) of the study; re-read at most once a second."""
-        at, complete, total = self._counted
+        """(evaluated trials within the budget, all trials) of the study: what ``--trials``
+        counts, as in SearchStudy.run; re-read at most once a second."""
+        at, feasible, total = self._counted
         if fresh or time.monotonic() - at > 1.0:
             trials = self.ss.study.get_trials(deepcopy=False)
-            complete = sum(t.state == TrialState.COMPLETE for t in trials)
-            self._counted = (time.monotonic(), complete, len(trials))
+            feasible = sum(t.state == TrialState.COMPLETE
+                           and t.user_attrs.get("constraint", 1) <= 0 for t in trials)
+            self._counted = (time.monotonic(), feasible, len(trials))
             total = len(trials)
-        return complete, total
+        return feasible, total
 
     def tell(self, number: int, state: TrialState, values, attrs: dict | None = None) -> None:
         """Write ``attrs`` onto trial ``number``, then finish it."""
@@ -344,11 +348,11 @@ class _StudySearch(OptunaSearch):
         d = self._driver
         self._asked = True
         while True:
-            complete, total = d.counts()
-            if complete >= d.target or total >= d.cap:
+            feasible, total = d.counts()
+            if feasible >= d.target or total >= d.cap:
                 d.finished = True
                 return Searcher.FINISHED
-            if complete + len(self._live) >= d.target:
+            if feasible + len(self._live) >= d.target:
                 return None  # the running trials may reach the total
             d.ss.enqueue_local_move()  # the last trials: moves around the best one so far
             try:
