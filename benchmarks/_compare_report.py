@@ -99,16 +99,37 @@ def versus(rows: dict, model: str, metric: str, budget: float) -> str:
     return "Searched L+S " + "; ".join(parts) + "." if parts else ""
 
 
-def summary(rows: dict, models, cells) -> str:
-    head = ["model", "cell", "L+S searched, before → after FT", "best other row after FT",
+def _margins(a: dict, others: list[dict]) -> tuple[str, str, str, str, str]:
+    """Row ``a`` against the other rows of its cell: best other after FT, margin after, best
+    other before FT, margin before, wins / ties / losses by NOISE after FT."""
+    best = max(others, key=lambda d: d["test_top1_after"], default=None)
+    best_b = max(others, key=lambda d: d["test_top1_before"], default=None)
+    diffs = [a["test_top1_after"] - d["test_top1_after"] for d in others]
+    wins, losses = sum(x >= NOISE for x in diffs), sum(x <= -NOISE for x in diffs)
+    return (
+        f"{METHOD_INFO[best['method']][0]} {_f(best['test_top1_after'])}" if best else "",
+        _f(a["test_top1_after"] - best["test_top1_after"], "{:+.2f}") if best else "",
+        f"{METHOD_INFO[best_b['method']][0]} {_f(best_b['test_top1_before'])}"
+        if best_b else "",
+        _f(a["test_top1_before"] - best_b["test_top1_before"], "{:+.2f}") if best_b else "",
+        f"{wins} / {len(others) - wins - losses} / {losses}",
+    )
+
+
+def summary(rows: dict, models, cells, row: str = "autohybrid") -> str:
+    """One line per cell: ``row`` (the headline row, or a variant of the search) against the
+    seven rows other than the headline one, before and after fine-tuning."""
+    label = "L+S searched" if row == "autohybrid" else "package now"
+    head = ["model", "cell", f"{label}, before → after FT", "best other row after FT",
             "margin after", "best other row before FT", "margin before",
-            f"rows L+S beats by >= {NOISE:g} pt / ties / loses to (after FT)",
-            "variant: + local moves, before → after FT"]
+            f"rows it beats by >= {NOISE:g} pt / ties / loses to (after FT)"]
+    if row == "autohybrid":
+        head.append("variant: + local moves, before → after FT")
     out = []
     for model in models:
         for metric, budget in cells:
             cell = f"{metric} {budget:g}"
-            a = rows.get((model, metric, budget, "autohybrid"))
+            a = rows.get((model, metric, budget, row))
             others = [rows[k] for k in rows if k[:3] == (model, metric, budget)
                       and k[3] in METHOD_INFO and k[3] != "autohybrid"
                       and rows[k]["status"] == "ok"]
@@ -117,25 +138,13 @@ def summary(rows: dict, models, cells) -> str:
                     word = "pending" if a is None else "unreachable"
                     out.append([model, cell, word, *[""] * (len(head) - 3)])
                 continue
-            best = max(others, key=lambda d: d["test_top1_after"], default=None)
-            best_b = max(others, key=lambda d: d["test_top1_before"], default=None)
-            diffs = [a["test_top1_after"] - d["test_top1_after"] for d in others]
-            wins = sum(x >= NOISE for x in diffs)
-            losses = sum(x <= -NOISE for x in diffs)
-            local = rows.get((model, metric, budget, "autohybrid_local"))
-            out.append([
-                model, cell,
-                f"{_f(a['test_top1_before'])} → {_f(a['test_top1_after'])}",
-                f"{METHOD_INFO[best['method']][0]} {_f(best['test_top1_after'])}" if best else "",
-                _f(a["test_top1_after"] - best["test_top1_after"], "{:+.2f}") if best else "",
-                f"{METHOD_INFO[best_b['method']][0]} {_f(best_b['test_top1_before'])}"
-                if best_b else "",
-                _f(a["test_top1_before"] - best_b["test_top1_before"], "{:+.2f}")
-                if best_b else "",
-                f"{wins} / {len(others) - wins - losses} / {losses}",
-                f"{_f(local['test_top1_before'])} → {_f(local['test_top1_after'])}"
-                if local and local["status"] == "ok" else "",
-            ])
+            line = [model, cell, f"{_f(a['test_top1_before'])} → {_f(a['test_top1_after'])}",
+                    *_margins(a, others)]
+            if row == "autohybrid":
+                local = rows.get((model, metric, budget, "autohybrid_local"))
+                line.append(f"{_f(local['test_top1_before'])} → {_f(local['test_top1_after'])}"
+                            if local and local["status"] == "ok" else "")
+            out.append(line)
     return _common.table(head, out, "ll" + "r" * (len(head) - 2))
 
 
@@ -218,6 +227,12 @@ def generated(root: Path, models, cells, tag: str, md: Path) -> str:
         "### Searched L+S against the best other row, per cell (test top-1 after fine-tune)",
         summary(rows, models, cells),
     ]
+    if any(k[3] == "autohybrid_now" for k in rows):
+        parts += [
+            "### The search as the package now runs it (per-family warm starts + local "
+            "moves) against the same seven other rows",
+            summary(rows, models, cells, "autohybrid_now"),
+        ]
     for model in models:
         dense_p = root / model / "dense.json"
         dense = json.loads(dense_p.read_text()) if dense_p.exists() else {}
