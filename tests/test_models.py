@@ -360,3 +360,25 @@ def test_shape_mismatch_with_explicit_num_classes(tmp_path: Path) -> None:
 def test_bad_kwargs() -> None:
     with pytest.raises(ModelError, match="cannot build 'cifar_resnet20'"):
         create_model("cifar_resnet20", widht=2)
+
+
+def test_demo_model_is_the_same_whatever_the_thread_count(tmp_path: Path, monkeypatch) -> None:
+    """The demo model trains on one thread: a machine with more cores caches the same weights
+    (with two threads it did not, and every demo number moved by a point or two)."""
+    import autohybrid.demo as demo
+
+    monkeypatch.setattr(demo, "EPOCHS", 1)  # the same code, 23 steps instead of 460
+    threads = torch.get_num_threads()
+    weights = []
+    try:
+        for n in (2, 1):
+            torch.set_num_threads(n)
+            monkeypatch.setenv("AUTOHYBRID_CACHE", str(tmp_path / f"threads-{n}"))
+            path = demo.demo_checkpoint(progress=False)
+            assert torch.get_num_threads() == n  # the caller's setting is restored
+            weights.append(torch.load(path, weights_only=True)["state_dict"])
+    finally:
+        torch.set_num_threads(threads)
+    assert weights[0].keys() == weights[1].keys()
+    for k, v in weights[0].items():
+        assert torch.equal(v, weights[1][k]), k
