@@ -263,16 +263,25 @@ def _write_pareto_csv(rows: list[dict], out: Path) -> None:
 
 
 def _print_front(rows: list[dict]) -> None:
+    """The front as a table, a row a line on an 80-column console: short headers, and where a
+    trial came from in short (the warm start's name, "sampled", or the trial a local move
+    started from; pareto.csv has the whole origin)."""
     from rich.table import Table
 
-    table = Table(title="Pareto front (within budget)")
-    for col in ("trial", "params", "MACs", "calib top-1", "test before", "test after", "origin"):
-        table.add_column(col)
+    table = Table(title="Pareto front (within budget)",
+                  caption="top-1 %: calib = calibration set; before / after = test split, "
+                          "before / after fine-tuning")
+    for col in ("trial", "params", "MACs", "calib", "before", "after", "from"):
+        table.add_column(col, no_wrap=True, justify="left" if col == "from" else "right")
+    def pct(v) -> str:  # "-": not measured (not fine-tuned: only the top --top-k are)
+        return "-" if v is None or v != v else f"{v:.2f}"
+
     for r in rows:
+        origin = r.get("origin", "").split(":")[0]
         table.add_row(
             str(r["trial"]), f"{r['params_fraction']:.3f}", f"{r['macs_fraction']:.3f}",
-            f"{r.get('top1_calibration') or float('nan'):.2f}",
-            f"{r.get('test_top1_before', float('nan')):.2f}",
-            f"{r.get('test_top1_after', float('nan')):.2f}", r.get("origin", ""),
+            pct(r.get("top1_calibration")), pct(r.get("test_top1_before")),
+            pct(r.get("test_top1_after")),
+            origin.replace("warm start ", "").replace("local move from trial", "move from"),
         )
     console.print(table)
