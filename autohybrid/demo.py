@@ -2,7 +2,7 @@
 
 ``autohybrid search --budget 0.2`` with no model uses it, so a fresh machine can run the whole
 pipeline with nothing downloaded. Training takes under a minute on one CPU core; it runs on
-one thread whatever the machine has, so the cached model is the same everywhere (PyTorch's
+one thread whatever the machine has, so the core count does not change it (PyTorch's
 CPU kernels sum in an order that depends on the thread count, and a trained network carries
 that difference into every number the demo prints).
 """

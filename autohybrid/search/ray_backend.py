@@ -62,7 +62,7 @@ from autohybrid.exceptions import ConfigError
 from autohybrid.io import pid_alive
 from autohybrid.search.objective import Evaluator, NumericalError
 from autohybrid.search.params import ParamSpace
-from autohybrid.search.study import SearchStudy, _load, _requeue
+from autohybrid.search.study import SearchStudy, _load, _requeue, within_budget
 from autohybrid.search.surrogate import Surrogate
 
 __all__ = ["run_ray"]
@@ -251,8 +251,7 @@ class _Driver:
         at, feasible, total = self._counted
         if fresh or time.monotonic() - at > 1.0:
             trials = self.ss.study.get_trials(deepcopy=False)
-            feasible = sum(t.state == TrialState.COMPLETE
-                           and t.user_attrs.get("constraint", 1) <= 0 for t in trials)
+            feasible = sum(map(within_budget, trials))
             self._counted = (time.monotonic(), feasible, len(trials))
             total = len(trials)
         return feasible, total

@@ -14,7 +14,7 @@ from optuna.trial import TrialState
 
 from autohybrid.io import atomic_write_text
 from autohybrid.report import METHOD_COLORS, html_page, save_figure, sensitivity_heatmap, svg
-from autohybrid.search.study import pareto_front, trial_layers
+from autohybrid.search.study import pareto_front, trial_layers, within_budget
 
 __all__ = ["write_search_report", "pareto_figure", "allocation_figure"]
 
@@ -22,7 +22,7 @@ __all__ = ["write_search_report", "pareto_figure", "allocation_figure"]
 def pareto_figure(study, budget: float, quality: str, metric: str):
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    feas = [t for t in trials if t.user_attrs.get("constraint", 1) <= 0]
+    feas = [t for t in trials if within_budget(t)]
     ax.scatter([t.values[1] for t in feas], [t.values[0] for t in feas], s=14, c="#bbbbbb",
                label="trials")
     for t in feas:

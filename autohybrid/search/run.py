@@ -23,7 +23,7 @@ from autohybrid.inventory import inventory, model_input_size
 from autohybrid.io import atomic_path, atomic_write_text, remove_stale_temps
 from autohybrid.search.objective import Evaluator
 from autohybrid.search.params import LEVELS, MIN_SCALE, ParamSpace, group_layers
-from autohybrid.search.study import SearchStudy, pareto_front, trial_layers
+from autohybrid.search.study import SearchStudy, pareto_front, trial_layers, within_budget
 from autohybrid.search.surrogate import Surrogate
 from autohybrid.search.warm_start import warm_starts
 from autohybrid.search_space import load_search_space
@@ -171,7 +171,7 @@ class _progress:
 
     def update(self, trial, study):
         done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        feas = [t.values[0] for t in done if t.user_attrs.get("constraint", 1) <= 0]
+        feas = [t.values[0] for t in done if within_budget(t)]
         best = f"best {self.cfg.quality} {min(feas):.4g}" if feas else ""
         pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in
                      study.get_trials(deepcopy=False))
@@ -201,13 +201,21 @@ def write_front(study: optuna.Study, out: Path, budget: float | None) -> list:
     return front
 
 
+ORIGIN_START, ORIGIN_MOVE = "warm start ", "local move from trial "
+
+
 def origin(t) -> str:
     """Where a trial came from: a warm start, a local move (``search.local``), the sampler."""
     if t.user_attrs.get("warm_start"):
-        return f"warm start {t.user_attrs['warm_start']}"
+        return f"{ORIGIN_START}{t.user_attrs['warm_start']}"
     if "local_of" in t.user_attrs:
-        return f"local move from trial {t.user_attrs['local_of']}: {t.user_attrs['local_move']}"
+        return f"{ORIGIN_MOVE}{t.user_attrs['local_of']}: {t.user_attrs['local_move']}"
     return "sampled"
+
+
+def short_origin(text: str) -> str:
+    """``origin(t)`` in a few words: the warm start's name, "sampled", or "move from N"."""
+    return text.split(":")[0].replace(ORIGIN_START, "").replace(ORIGIN_MOVE, "move from ")
 
 
 def finetune_front(cfg, study, front, model, data, out: Path, inv) -> list[dict]:
@@ -273,15 +281,14 @@ def _print_front(rows: list[dict]) -> None:
                           "before / after fine-tuning")
     for col in ("trial", "params", "MACs", "calib", "before", "after", "from"):
         table.add_column(col, no_wrap=True, justify="left" if col == "from" else "right")
+
     def pct(v) -> str:  # "-": not measured (not fine-tuned: only the top --top-k are)
         return "-" if v is None or v != v else f"{v:.2f}"
 
     for r in rows:
-        origin = r.get("origin", "").split(":")[0]
         table.add_row(
             str(r["trial"]), f"{r['params_fraction']:.3f}", f"{r['macs_fraction']:.3f}",
             pct(r.get("top1_calibration")), pct(r.get("test_top1_before")),
-            pct(r.get("test_top1_after")),
-            origin.replace("warm start ", "").replace("local move from trial", "move from"),
+            pct(r.get("test_top1_after")), short_origin(r.get("origin", "")),
         )
     console.print(table)

@@ -106,10 +106,15 @@ def trial_layers(trial: FrozenTrial) -> dict[str, LayerSpec]:
     return _load(trial.user_attrs["allocation"])
 
 
+def within_budget(t: FrozenTrial) -> bool:
+    """An evaluated trial within the budget (infeasible ones are told COMPLETE with a positive
+    constraint): what ``--trials`` counts on either backend, and what fronts are made of."""
+    return t.state == TrialState.COMPLETE and t.user_attrs.get("constraint", 1) <= 0
+
+
 def pareto_front(trials: list[FrozenTrial], budget: float | None = None) -> list[FrozenTrial]:
     """Complete, within-budget trials not dominated in (quality, cost), best quality first."""
-    ok = [t for t in trials if t.state == TrialState.COMPLETE and t.values
-          and t.user_attrs.get("constraint", 1.0) <= 0
+    ok = [t for t in trials if within_budget(t) and t.values
           and (budget is None or t.values[1] <= budget + 1e-12)]
     front = []
     for t in sorted(ok, key=lambda t: (t.values[1], t.values[0], t.number)):
@@ -199,7 +204,7 @@ class SearchStudy:
 
     def feasible(self) -> list[FrozenTrial]:
         """Evaluated trials within the budget: what ``--trials`` counts."""
-        return [t for t in self.completed() if t.user_attrs.get("constraint", 1) <= 0]
+        return [t for t in self.completed() if within_budget(t)]
 
     # -- one trial ------------------------------------------------------------------------
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
@@ -304,8 +309,7 @@ class SearchStudy:
         if self.surrogate is None:
             return
         rows = [(t.user_attrs["predicted_additive"], t.values[1], t.values[0])
-                for t in self.completed() if "predicted_additive" in t.user_attrs
-                and t.user_attrs.get("constraint", 1) <= 0]
+                for t in self.feasible() if "predicted_additive" in t.user_attrs]
         if rows:
             p, c, m = (list(x) for x in zip(*rows))
             self.surrogate.fit(p, c, m)
@@ -363,6 +367,5 @@ def _short(v) -> str:
 
 
 def best_feasible_quality(trials: list[FrozenTrial]) -> float | None:
-    vals = [t.values[0] for t in trials if t.state == TrialState.COMPLETE and t.values
-            and t.user_attrs.get("constraint", 1) <= 0]
+    vals = [t.values[0] for t in trials if within_budget(t) and t.values]
     return float(np.min(vals)) if vals else None
