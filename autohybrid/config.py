@@ -62,6 +62,9 @@ class SearchConfig:
     bn_recal: str = "auto"
     recal_images: int = 256
     quality: str = "kl"
+    fit: str = "data"
+    damp: float = 0.01
+    saliency: str = "obs"
     max_groups: int = 24
     screen: bool = True
     local_search: float = 0.3
@@ -120,6 +123,19 @@ class SearchConfig:
                 or not 0.0 <= self.local_search < 1.0:
             raise ConfigError(f"local_search is the share of --trials spent on local moves, "
                               f"from 0 (off) to below 1; got {self.local_search!r}")
+        from autohybrid.fit import SALIENCIES
+        from autohybrid.spec import FITS
+
+        if self.fit not in FITS:
+            raise ConfigError(f"unknown fit {self.fit!r}; use one of {list(FITS)} (data: fit "
+                              "each layer to its outputs on the calibration images)")
+        if self.saliency not in SALIENCIES:
+            raise ConfigError(f"unknown saliency {self.saliency!r}; use one of "
+                              f"{list(SALIENCIES)}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) \
+                or not 0 < self.damp <= 1:
+            raise ConfigError(f"damp is the damping relative to mean(diag H), in (0, 1]; got "
+                              f"{self.damp!r}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
 

@@ -29,7 +29,7 @@ from autohybrid.cost import layer_cost
 from autohybrid.exceptions import ConfigError
 from autohybrid.inventory import Inventory, LayerInfo
 from autohybrid.io import atomic_path, atomic_write_text, remove_stale_temps
-from autohybrid.methods import get_method
+from autohybrid.methods.base import build
 from autohybrid.search_space import SearchSpace
 from autohybrid.spec import LayerSpec
 
@@ -292,6 +292,8 @@ def sensitivity(
     layers: list[str] | None = None,
     progress: bool | None = None,
     on_layer: Callable[[str], None] | None = None,
+    stats=None,
+    fit: dict | None = None,
 ) -> SensitivityTable:
     """Score every candidate of ``space`` on every compressible layer, one layer at a time.
 
@@ -307,6 +309,10 @@ def sensitivity(
             training data lose accuracy when re-estimated on clean images.
         naive: full forward per candidate (the reference the fast path is checked against).
         layers: restrict to these layer names (default: the space's compressible layers).
+        stats: ``autohybrid.stats.LayerStats`` of the dense model on the calibration images:
+            every candidate is then fitted to the layer's outputs (``fit: data``, independent
+            per layer) instead of its weights.
+        fit: data-fit settings (``damp``, ``saliency``), recorded in the table's key.
     """
     model = model.eval()
     recal_check = None
@@ -328,6 +334,12 @@ def sensitivity(
         "recal_images": recal_images if bn_recal else 0,
         **(key_extra or {}),
     }
+    fit = dict(fit or {})
+    if stats is not None:
+        from autohybrid.fit import DAMP, SALIENCY
+
+        fit = {"damp": fit.get("damp", DAMP), "saliency": fit.get("saliency", SALIENCY)}
+        key_doc["fit"] = {"mode": "data", **fit}
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
     out = Path(out_dir) if out_dir is not None else None
     partial = out / f".sensitivity-{key}.partial.csv" if out else None
@@ -374,7 +386,15 @@ def sensitivity(
         w = dense_mod.weight.detach()
         b = dense_mod.bias.detach() if dense_mod.bias is not None else None
         cache: dict = {}
-        built = [get_method(s.method).compress(w, b, layer, s, cache) for s in specs]
+        problem = None
+        if stats is not None:
+            from dataclasses import replace
+
+            from autohybrid.fit import problem_from_stats
+
+            problem = problem_from_stats(w, stats.h[layer.name], fit["damp"], fit["saliency"])
+            specs = [replace(s, fit="data") for s in specs]
+        built = [build(w, b, layer, s, problem, cache) for s in specs]
         if tracer is not None:
             bns = tracer.bn_in_cone(layer.name)
         else:

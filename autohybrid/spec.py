@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["LayerSpec", "DENSE"]
+__all__ = ["LayerSpec", "DENSE", "FITS"]
+
+FITS = ("weights", "data")
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,9 @@ class LayerSpec:
             (``sparse``), or that the sparse residual leaves out (``lowrank+sparse``).
         pattern: ``unstructured`` or an N:M pattern such as ``2:4``.
         refine: alternating refinements of L and S (``lowrank+sparse`` only).
+        fit: ``weights`` (truncate / prune the weight tensor) or ``data`` (fit the layer's
+            outputs on calibration data, ``autohybrid.fit``; needs calibration images when the
+            allocation is applied, and falls back to ``weights`` without them).
     """
 
     method: str = "dense"
@@ -29,6 +34,7 @@ class LayerSpec:
     sparsity: float = 0.0
     pattern: str = "unstructured"
     refine: int = 0
+    fit: str = "weights"
 
     def to_dict(self) -> dict:
         d: dict = {"method": self.method}
@@ -41,11 +47,13 @@ class LayerSpec:
             d["pattern"] = self.pattern
         if self.refine:
             d["refine"] = self.refine
+        if self.fit != "weights" and self.method != "dense":
+            d["fit"] = self.fit
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> LayerSpec:
-        known = {"method", "factorization", "rank", "sparsity", "pattern", "refine"}
+        known = {"method", "factorization", "rank", "sparsity", "pattern", "refine", "fit"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown key(s) {sorted(unknown)}; allowed: {sorted(known)}")
@@ -56,6 +64,9 @@ class LayerSpec:
         sparsity = d.get("sparsity", 0.0)
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
             raise ValueError(f"sparsity must be a number, got {sparsity!r}")
+        fit = d.get("fit", "weights")
+        if fit not in FITS:
+            raise ValueError(f"fit must be one of {list(FITS)}, got {fit!r}")
         return cls(
             method=str(d.get("method", "dense")),
             factorization=d.get("factorization"),
@@ -63,6 +74,7 @@ class LayerSpec:
             sparsity=float(sparsity),
             pattern=str(d.get("pattern", "unstructured")),
             refine=int(d.get("refine", 0)),
+            fit=fit,
         )
 
 

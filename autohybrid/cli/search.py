@@ -36,6 +36,12 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--bn-recal", help="auto | on | off")
     p.add_argument("--quality", help="kl (default) | loss | disagreement")
+    p.add_argument("--fit", help="data (default: fit each layer to its outputs on the "
+                   "calibration images) | weights (truncate / prune the weights only)")
+    p.add_argument("--damp", type=float,
+                   help="data-fit damping, relative to mean(diag H) (default 0.01)")
+    p.add_argument("--saliency", help="sparse mask saliency of the data fit: obs (default) | "
+                   "wanda")
     p.add_argument("--max-groups", type=int, help="cluster layers into at most this many")
     p.add_argument("--no-screen", action="store_true", help="evaluate every trial")
     p.add_argument("--local-search", type=float, metavar="SHARE",
@@ -52,8 +58,8 @@ def register(sub) -> None:
 FLAGS = ("budget", "metric", "model", "checkpoint", "num_classes", "input_size", "data",
          "search_space", "out", "storage", "study_name", "sampler", "backend", "ray_address",
          "concurrency", "trials", "population", "seed", "calib", "batch_size", "bn_recal",
-         "quality", "max_groups", "local_search", "top_k", "finetune_epochs", "finetune_steps",
-         "finetune_lr", "test_limit")
+         "quality", "fit", "damp", "saliency", "max_groups", "local_search", "top_k",
+         "finetune_epochs", "finetune_steps", "finetune_lr", "test_limit")
 
 
 def resolve(args) -> SearchConfig:

@@ -13,6 +13,9 @@ def register(sub) -> None:
     p.add_argument("--layers", nargs="*", help="only these layer names")
     p.add_argument("--naive", action="store_true", help="full forward per candidate (slow)")
     p.add_argument("--signal", default="kl", help="what the plots show (kl, dloss, dtop1)")
+    p.add_argument("--fit", default="data", choices=("data", "weights"),
+                   help="fit each candidate to the layer's outputs on the calibration images "
+                   "(data, default) or to its weights")
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=run)
 
@@ -28,11 +31,17 @@ def run(args) -> int:
     space = load_search_space(args.model, args.search_space)
     x, y = calibration_tensors(args, model, size)
     inv = inventory(model, size)
+    stats = None
+    if args.fit == "data":
+        from autohybrid.stats import input_stats
+
+        stats = input_stats(model, inv, [la.name for la in space.compressible(inv)], x,
+                            out_dir=args.out, key_extra={"data": args.data, "seed": args.seed})
     table = sensitivity(
         model, inv, space, x, y, out_dir=args.out,
         key_extra={"data": args.data, "seed": args.seed}, batch_size=args.batch_size,
         bn_recal=parse_bn_recal(args.bn_recal), recal_images=args.recal_images,
-        naive=args.naive, layers=args.layers, progress=True,
+        naive=args.naive, layers=args.layers, progress=True, stats=stats,
     )
     write_sensitivity_report(table, args.out, args.signal)
     meta = table.meta

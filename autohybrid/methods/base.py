@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from autohybrid.exceptions import MethodError
+from autohybrid.fit import FitProblem, refit_left, relative_output_error
 from autohybrid.inventory import LayerInfo
 from autohybrid.spec import LayerSpec
 
-__all__ = ["Method", "LowRankMethod", "rel_error", "METHODS", "register", "get_method"]
+__all__ = ["Method", "LowRankMethod", "rel_error", "METHODS", "register", "get_method",
+           "build"]
 
 METHODS: dict[str, Method] = {}
 
@@ -92,6 +94,47 @@ class Method(ABC):
         e.g. one SVD for every rank.
         """
 
+    def fit(
+        self,
+        problem: FitProblem,
+        bias: torch.Tensor | None,
+        layer: LayerInfo,
+        spec: LayerSpec,
+        cache: dict | None = None,
+    ) -> tuple[nn.Module, torch.Tensor]:
+        """Build the replacement module fitted to ``problem`` (the layer's outputs on
+        calibration data, ``autohybrid.fit``); return it with the dense weight it represents.
+
+        ``cache`` (one dict per problem) holds work shared by specs of the same problem.
+        A method without a data fit raises ``NotImplementedError``; ``build`` then falls back
+        to ``compress``."""
+        raise NotImplementedError
+
+
+def build(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    layer: LayerInfo,
+    spec: LayerSpec,
+    problem: FitProblem | None = None,
+    cache: dict | None = None,
+) -> tuple[nn.Module, float]:
+    """The replacement module for ``spec`` and its relative error.
+
+    ``spec.fit == "data"`` with a ``problem`` fits the outputs and reports the relative output
+    error on the calibration rows; otherwise the weight fit (``compress``) and its relative
+    weight error. ``cache`` must belong to this weight (weight fit) or this problem (data fit).
+    """
+    method = get_method(spec.method)
+    if spec.fit == "data" and problem is not None and spec.method != "dense":
+        try:
+            module, approx = method.fit(problem, bias, layer, spec, cache)
+        except NotImplementedError:
+            pass
+        else:
+            return module, relative_output_error(problem, approx)
+    return method.compress(weight, bias, layer, spec, cache)
+
 
 class LowRankMethod(Method):
     """A factorization W ~ f(factors). ``factors`` are the chain's weights, in order."""
@@ -129,6 +172,39 @@ class LowRankMethod(Method):
     def reconstruct(self, factors: list[torch.Tensor], layer: LayerInfo) -> torch.Tensor:
         """The dense weight the factors represent."""
 
+    def fit_factors(
+        self,
+        target: torch.Tensor,
+        metric: torch.Tensor,
+        layer: LayerInfo,
+        rank: tuple[int, ...],
+        cache: dict | None = None,
+    ) -> list[torch.Tensor]:
+        """Factors at ``rank`` fitted to the outputs of weight ``target`` (float64) in the
+        damped input moment ``metric`` (G, k, k). The default: decompose the weight, then refit
+        the factor next to the output by least squares (``refit_last``)."""
+        factors = self.decompose(target, layer, rank)
+        return self.refit_last(factors, target, metric, layer)
+
+    def refit_last(
+        self, factors: list[torch.Tensor], target: torch.Tensor, metric: torch.Tensor, layer
+    ) -> list[torch.Tensor]:
+        """``factors`` with the last one refit by least squares for the others fixed, where
+        the chain ends in a (out, r) matrix: ``B = T H F^T (F H F^T)^{-1}``, ``F`` the rest of
+        the chain as an (r, k) map. Methods whose last factor is not such a matrix override."""
+        r = factors[-1].shape[1]
+        eye = torch.eye(r, dtype=factors[-1].dtype)
+        rest = self.reconstruct([*factors[:-1], eye], layer_with_out(layer, r))
+        right = rest.reshape(r, -1)
+        last = refit_left(target.reshape(target.shape[0], -1), metric, right)
+        return [*factors[:-1], last]
+
+    def fit(self, problem, bias, layer, spec, cache=None):
+        factors = self.fit_factors(problem.target, problem.metric, layer, spec.rank, cache)
+        module = self.chain(layer, spec.rank, bias is not None)
+        load_factors(module, factors, bias)
+        return module, self.reconstruct(factors, layer)
+
     def rank_for_ratio(self, layer: LayerInfo, ratio: float) -> tuple[int, ...]:
         return tuple(max(1, min(m, round(ratio * m))) for m in self.max_rank(layer))
 
@@ -154,6 +230,13 @@ class LowRankMethod(Method):
         module = self.chain(layer, spec.rank, bias is not None)
         load_factors(module, factors, bias)
         return module, rel_error(weight, self.reconstruct(factors, layer))
+
+
+def layer_with_out(layer: LayerInfo, out_chs: int) -> LayerInfo:
+    """``layer`` with another output width (the chain without its last factor)."""
+    from dataclasses import replace
+
+    return replace(layer, out_chs=out_chs)
 
 
 def check_rank(name: str, full: tuple[int, ...], rank: tuple[int, ...]) -> None:

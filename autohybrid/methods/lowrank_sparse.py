@@ -3,11 +3,18 @@
 L comes from any registered low-rank method at its rank(s); S holds the largest-magnitude
 entries of the residual W - L. ``refine`` alternating steps re-fit L to W - S and S to W - L.
 The bias lives once, in the low-rank chain.
+
+The data fit (``fit``) alternates the same steps in the layer's output metric: L fitted to
+the outputs of W - S by the factorization's own data fit, S masked by saliency on W - L with
+its values refit by least squares against L. The weight fit's L with its S values refit the
+same way is the other candidate, so the data fit is never worse than the weight fit on the
+calibration data.
 """
 
 from __future__ import annotations
 
 from autohybrid.exceptions import MethodError
+from autohybrid.fit import output_error
 from autohybrid.layers import LowRankSparse, sparse_module
 from autohybrid.methods.base import (
     METHODS,
@@ -20,6 +27,7 @@ from autohybrid.methods.base import (
 )
 from autohybrid.methods.sparse import (
     check_sparsity,
+    fit_sparse,
     index_bytes,
     keep_count,
     scatter,
@@ -78,7 +86,8 @@ class LowRankPlusSparse(Method):
             sparse_module(layer, self.nnz(layer, spec), False),
         )
 
-    def compress(self, weight, bias, layer, spec, cache=None):
+    def weight_parts(self, weight, layer, spec, cache=None):
+        """The weight fit: (factors, L, sparse indices, sparse values)."""
         lr = self.factorization(layer, spec)
         factors = lr.decompose(weight, layer, spec.rank, cache)
         low = lr.reconstruct(factors, layer)
@@ -87,9 +96,45 @@ class LowRankPlusSparse(Method):
             factors = lr.decompose(weight - scatter(weight.shape, idx, vals), layer, spec.rank)
             low = lr.reconstruct(factors, layer)
             idx, vals = sparse_part(weight - low, layer, spec.sparsity, spec.pattern)
+        return factors, low, idx, vals
+
+    def _module(self, layer, spec, factors, idx, vals, bias):
+        lr = self.factorization(layer, spec)
         chain = lr.chain(layer, spec.rank, bias is not None)
         load_factors(chain, factors, bias)
         sparse = sparse_module(layer, idx.numel(), False)
-        sparse.load_sparse(idx, vals)
+        sparse.load_sparse(idx, vals.to(sparse.values.dtype))
+        return LowRankSparse(chain, sparse)
+
+    def compress(self, weight, bias, layer, spec, cache=None):
+        factors, low, idx, vals = self.weight_parts(weight, layer, spec, cache)
         approx = low + scatter(weight.shape, idx, vals)
-        return LowRankSparse(chain, sparse), rel_error(weight, approx)
+        return self._module(layer, spec, factors, idx, vals, bias), rel_error(weight, approx)
+
+    def fit(self, problem, bias, layer, spec, cache=None):
+        lr = self.factorization(layer, spec)
+        t, metric = problem.matrix(), problem.metric
+        shape = layer.weight_shape
+
+        def lowrank(target, c=None):
+            factors = lr.fit_factors(target.reshape(shape), metric, layer, spec.rank, c)
+            return factors, lr.reconstruct(factors, layer).reshape(t.shape)
+
+        def sparse(resid, mask_from=None):
+            return fit_sparse(problem, resid, layer, spec.sparsity, spec.pattern, mask_from)
+
+        factors, low = lowrank(t, cache)
+        idx, vals, s = sparse(t - low)
+        for _ in range(max(spec.refine, 1)):
+            factors, low = lowrank(t - s)
+            idx, vals, s = sparse(t - low)
+        candidates = [(factors, low, idx, vals, s)]
+        # the weight fit's low-rank part and mask, its sparse values refit to the data
+        wf, wlow, _, _ = self.weight_parts(problem.target, layer, spec)
+        wlow = wlow.reshape(t.shape)
+        widx, wvals, ws = sparse(t - wlow, mask_from=t - wlow)
+        candidates.append((wf, wlow, widx, wvals, ws))
+        best = min(candidates, key=lambda c: output_error(t - c[1] - c[4], metric))
+        factors, low, idx, vals, s = best
+        module = self._module(layer, spec, factors, idx, vals, bias)
+        return module, (low + s).reshape(shape)

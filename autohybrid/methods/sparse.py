@@ -10,6 +10,7 @@ import math
 import torch
 
 from autohybrid.exceptions import MethodError
+from autohybrid.fit import FitProblem, masked_lstsq, saliency
 from autohybrid.inventory import LayerInfo
 from autohybrid.layers import sparse_module
 from autohybrid.methods.base import Method, register, rel_error
@@ -84,6 +85,27 @@ def sparse_part(
     return idx, w.reshape(-1)[idx]
 
 
+def fit_sparse(
+    problem: FitProblem,
+    target: torch.Tensor,
+    layer: LayerInfo,
+    sparsity: float,
+    pattern: str,
+    mask_from: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sparse part fitted to the outputs of the (out, k) matrix ``target`` in the
+    problem's metric: the mask by activation-aware saliency (``problem.saliency``; exactly the
+    allocated count, or exactly N of every M), the kept values by exact damped least squares
+    per row (``autohybrid.fit.masked_lstsq``). ``mask_from`` picks the mask by magnitude of
+    that matrix instead. Returns (indices, values, the (out, k) sparse matrix)."""
+    score = saliency(problem, target) if mask_from is None else mask_from.abs()
+    idx = magnitude_topk(score, keep_count(layer, sparsity, pattern), pattern)
+    mask = torch.zeros(target.numel(), dtype=torch.bool)
+    mask[idx] = True
+    values = masked_lstsq(target, problem.metric, mask.view(target.shape))
+    return idx, values.reshape(-1)[idx], values
+
+
 def scatter(shape, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return values.new_zeros(math.prod(shape)).scatter(0, idx, values).view(shape)
 
@@ -113,6 +135,16 @@ class Sparse(Method):
 
     def skeleton(self, layer, spec):
         return sparse_module(layer, keep_count(layer, spec.sparsity, spec.pattern), layer.bias)
+
+    def fit(self, problem, bias, layer, spec, cache=None):
+        idx, values, approx = fit_sparse(problem, problem.matrix(), layer, spec.sparsity,
+                                         spec.pattern)
+        module = sparse_module(layer, idx.numel(), bias is not None)
+        module.load_sparse(idx, values.to(module.values.dtype))
+        if bias is not None:
+            with torch.no_grad():
+                module.bias.copy_(bias)
+        return module, approx
 
     def compress(self, weight, bias, layer, spec, cache=None):
         idx, values = sparse_part(weight, layer, spec.sparsity, spec.pattern)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from autohybrid.fit import whitened_lowrank
 from autohybrid.inventory import LayerInfo
 from autohybrid.methods.base import LowRankMethod, register
 
@@ -53,6 +54,13 @@ class SVD(LowRankMethod):
 
     def decompose(self, weight, layer, rank, cache=None):
         return svd_factors(weight.reshape(layer.out_chs, layer.in_chs), rank[0], cache)
+
+    def fit_factors(self, target, metric, layer, rank, cache=None):
+        """Truncation in the whitened space (SVD-LLM): the optimal rank-r output fit, so the
+        factor next to the output needs no refit."""
+        matrix = target.double().reshape(layer.out_chs, layer.in_chs)
+        first, second = whitened_lowrank(matrix, metric, rank[0], cache)
+        return [first, second]
 
     def reconstruct(self, factors, layer):
         first, second = (f.reshape(f.shape[0], -1) for f in factors)

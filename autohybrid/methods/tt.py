@@ -13,6 +13,7 @@ import torch
 from tensorly.decomposition import tensor_train_matrix
 
 from autohybrid.exceptions import MethodError
+from autohybrid.fit import spd_solve
 from autohybrid.layers import TTLinear
 from autohybrid.methods.base import LowRankMethod, register
 
@@ -107,6 +108,28 @@ class TT(LowRankMethod):
         w = weight.detach().double().numpy().reshape(*fo, *fi)
         tt = tensor_train_matrix(w, rank=[1, *rank, 1])
         return [torch.from_numpy(c.copy()).to(weight.dtype) for c in tt.factors]
+
+    def refit_last(self, factors, target, metric, layer):
+        """The last core by exact least squares for the others fixed. With ``L[(o_a, i_a), r]``
+        the product of the first d-1 cores, ``W[(o_a, o_d), (i_a, i_d)] = sum_r L G[r, o_d,
+        i_d]`` is linear in the last core ``G`` and every ``o_d`` shares one normal matrix
+        ``K[(r, j), (s, l)] = sum L[o_a, a, r] H[(a, j), (b, l)] L[o_a, b, s]``."""
+        d = len(factors)
+        fi, fo = tt_shape(layer, d)
+        lead = factors[0][0]  # (o1, i1, r1)
+        for core in factors[1:-1]:
+            a, b, _ = lead.shape
+            _, o, i, r_next = core.shape
+            lead = torch.einsum("abr,rois->aobis", lead, core).reshape(a * o, b * i, r_next)
+        oa, ia, r = lead.shape
+        od, id_ = fo[-1], fi[-1]
+        h = metric[0].reshape(ia, id_, ia, id_)
+        left = torch.einsum("oar,ajbl->orjbl", lead, h)
+        k = torch.einsum("orjbl,obs->rjsl", left, lead).reshape(r * id_, r * id_)
+        q = (target.reshape(layer.out_chs, -1) @ metric[0]).reshape(oa, od, ia, id_)
+        rhs = torch.einsum("oar,odaj->rjd", lead, q).reshape(r * id_, od)
+        g = spd_solve(0.5 * (k + k.T), rhs).reshape(r, id_, od)
+        return [*factors[:-1], g.permute(0, 2, 1).unsqueeze(-1).contiguous()]
 
     def reconstruct(self, factors, layer):
         cores = [f.double().numpy() for f in factors]

@@ -11,7 +11,27 @@ import torch
 from tensorly.tenalg import multi_mode_dot
 from torch import nn
 
+from autohybrid.fit import output_error, reduced_rank
 from autohybrid.methods.base import LowRankMethod, register
+
+
+def _data_bases(w: torch.Tensor, metric: torch.Tensor, cache: dict | None) -> list[torch.Tensor]:
+    """Candidate input-channel bases (full width; the first r1 rows serve rank r1): the weight's
+    own input-mode singular vectors, and those of the weight whitened by the input channels'
+    second moment ``Hc`` (the patch moment summed over kernel positions), whitening undone."""
+    cache = {} if cache is None else cache
+    if "tucker2_data" not in cache:
+        out, cin, kh, kw = w.shape
+        w = w.double()
+        plain = torch.linalg.svd(w.transpose(0, 1).reshape(cin, -1), full_matrices=False)[0].T
+        h = metric[0].reshape(cin, kh * kw, cin, kh * kw)
+        hc = h.diagonal(dim1=1, dim2=3).sum(-1)
+        t = torch.linalg.cholesky(0.5 * (hc + hc.T))
+        white = torch.einsum("oikl,ij->jokl", w, t).reshape(cin, -1)
+        v = torch.linalg.svd(white, full_matrices=False)[0]
+        whitened = torch.linalg.solve_triangular(t, v.T, upper=False, left=False)
+        cache["tucker2_data"] = [plain, whitened]
+    return cache["tucker2_data"]
 
 
 def _mode_bases(w: torch.Tensor, cache: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +83,24 @@ class Tucker2(LowRankMethod):
         core = multi_mode_dot(w.numpy(), [u_out.T.numpy(), u_in.T.numpy()], modes=[0, 1])
         dt = weight.dtype
         return [u_in.T.to(dt), torch.from_numpy(core).to(dt), u_out.to(dt)]
+
+    def fit_factors(self, target, metric, layer, rank, cache=None):
+        """For each candidate input basis (``_data_bases``) the optimal core and output factor
+        by reduced-rank regression (``autohybrid.fit.reduced_rank``); the better fit wins.
+        The plain basis makes the result at least as good as the weight fit's, in the data."""
+        r1, r2 = rank
+        kh, kw = layer.kernel_size
+        t = target.double().reshape(layer.out_chs, -1)
+        eye = torch.eye(kh * kw, dtype=torch.float64)
+        best = None
+        for basis in _data_bases(target, metric, cache):
+            first = basis[:r1].contiguous()
+            proj = torch.kron(first, eye)  # (r1*kk, in*kk): the 1x1 conv on patches
+            a, b = reduced_rank(t, metric, proj, r2)
+            err = output_error(t - b @ a @ proj, metric)
+            if best is None or err < best[0]:
+                best = (err, [first, a.reshape(r2, r1, kh, kw), b])
+        return best[1]
 
     def reconstruct(self, factors, layer):
         first, core, last = factors

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -21,13 +22,20 @@ from autohybrid.cost import allocation_cost
 from autohybrid.exceptions import BudgetError
 from autohybrid.inventory import inventory, model_input_size
 from autohybrid.io import atomic_path, atomic_write_text, remove_stale_temps
-from autohybrid.search.objective import Evaluator
+from autohybrid.search.objective import Evaluator, score_with_bn_choice
 from autohybrid.search.params import LEVELS, MIN_SCALE, ParamSpace, group_layers
-from autohybrid.search.study import SearchStudy, pareto_front, trial_layers, within_budget
+from autohybrid.search.study import (
+    SearchStudy,
+    fit_meta,
+    pareto_front,
+    trial_layers,
+    within_budget,
+)
 from autohybrid.search.surrogate import Surrogate
 from autohybrid.search.warm_start import warm_starts
 from autohybrid.search_space import load_search_space
 from autohybrid.sensitivity import sensitivity
+from autohybrid.stats import input_stats
 from autohybrid.storage import get_storage, mask_url
 
 __all__ = ["run_search", "smallest_fraction", "write_front"]
@@ -98,25 +106,32 @@ def run_search(cfg: SearchConfig) -> Path:
     remove_stale_temps(out)  # half-written files of a killed earlier run
     cfg.save(out / "config.yaml")
     x, y = as_tensors(data.calibration(cfg.calib, seed=cfg.seed))
+    fit = fit_meta(cfg)
+    stats = None
+    if cfg.fit == "data":
+        console.rule(f"input statistics: {len(space.compressible(inv))} layers, "
+                     f"{len(x)} calibration images")
+        stats = input_stats(model, inv, [la.name for la in space.compressible(inv)], x,
+                            out_dir=out / "sensitivity",
+                            key_extra={"data": cfg.data, "seed": cfg.seed})
 
     console.rule(f"sensitivity: {len(space.compressible(inv))} layers of {cfg.model}")
     table = sensitivity(model, inv, space, x, y, out_dir=out / "sensitivity",
                         key_extra={"data": cfg.data, "seed": cfg.seed},
                         batch_size=cfg.batch_size, bn_recal=_recal(cfg.bn_recal),
-                        recal_images=cfg.recal_images)
+                        recal_images=cfg.recal_images, stats=stats, fit=fit)
     from autohybrid.report import write_sensitivity_report
 
     write_sensitivity_report(table, out / "sensitivity", cfg.quality if cfg.quality == "kl"
                              else "dloss")
-    bn_recal = bool(table.meta["bn_recal"])
-
     groups = group_layers(space, inv, table.df, cfg.max_groups, cfg.seed)
     ps = ParamSpace(space, inv, groups, cfg.metric)
-    evaluator = Evaluator(model, inv, x, y, bn_recal, cfg.recal_images, cfg.batch_size)
+    evaluator = Evaluator(model, inv, x, y, _trial_recal(cfg.bn_recal), cfg.recal_images,
+                          cfg.batch_size, stats=stats, fit=fit, quality=cfg.quality)
     identity = {"name": cfg.model, "num_classes": inv.num_classes,
                 "input_size": list(size), "kwargs": dict(inv.model_kwargs)}
     study_name = cfg.study_name or f"{cfg.model}-{cfg.metric}-{cfg.budget:g}"
-    warm = warm_starts(ps, table.df, model, cfg.budget)
+    warm = warm_starts(ps, table.df, model, cfg.budget, stats)
     console.rule(f"search: study {study_name!r} in {mask_url(_storage_name(cfg, out))}, "
                  f"{len(groups)} groups, {cfg.sampler}, {cfg.trials} trials")
     if cfg.backend == "ray":
@@ -133,9 +148,9 @@ def run_search(cfg: SearchConfig) -> Path:
             ss.run()
         study = ss.study
     front = write_front(study, out, cfg.budget)
-    console.rule(f"fine-tune the best {min(cfg.top_k, len(front))} of {len(front)} "
+    console.rule(f"fit and fine-tune the best {min(cfg.top_k, len(front))} of {len(front)} "
                  "Pareto trials")
-    rows = finetune_front(cfg, study, front, model, data, out, inv)
+    rows = finetune_front(cfg, study, front, model, data, out, inv, evaluator)
     _write_pareto_csv(rows, out)
     from autohybrid.search.report import write_search_report
 
@@ -147,6 +162,11 @@ def run_search(cfg: SearchConfig) -> Path:
 
 def _recal(v: str):
     return "auto" if v == "auto" else str(v).lower() in ("on", "true", "1")
+
+
+def _trial_recal(v: str):
+    """Per trial: ``auto`` scores with and without BatchNorm recalibration, keeps the better."""
+    return "choose" if v == "auto" else _recal(v)
 
 
 def _storage_name(cfg, out):
@@ -187,15 +207,23 @@ def write_front(study: optuna.Study, out: Path, budget: float | None) -> list:
     """allocations/trial-NNNN.yaml for every Pareto trial of ``study``."""
     front = pareto_front(study.get_trials(deepcopy=False), budget)
     attrs = study.user_attrs
+    fit = dict(attrs.get("fit") or {"mode": "weights"})
     for t in front:
+        layers = trial_layers(t)
+        meta_fit = {}
+        if fit.get("mode") == "data":
+            layers = {n: replace(s, fit="data") for n, s in layers.items()}
+            meta_fit = {"fit": {k: v for k, v in fit.items() if k != "mode"},
+                        "calibration": {"n": attrs.get("calib"), "seed": attrs.get("seed")}}
         alloc = Allocation(
-            layers=trial_layers(t), fingerprint=attrs["fingerprint"],
+            layers=layers, fingerprint=attrs["fingerprint"],
             model=dict(attrs.get("model", {})), budget=attrs.get("budget"),
             metric=attrs.get("metric"),
             meta={"study": study.study_name, "trial": t.number,
                   "quality": {attrs.get("quality", "kl"): t.values[0]},
                   "top1_calibration": t.user_attrs.get("top1"),
-                  "warm_start": t.user_attrs.get("warm_start"), "origin": origin(t)},
+                  "warm_start": t.user_attrs.get("warm_start"), "origin": origin(t),
+                  "bn_recal": t.user_attrs.get("bn_recal"), **meta_fit},
         )
         alloc.save(out / "allocations" / f"trial-{t.number:04d}.yaml")
     return front
@@ -218,8 +246,12 @@ def short_origin(text: str) -> str:
     return text.split(":")[0].replace(ORIGIN_START, "").replace(ORIGIN_MOVE, "move from ")
 
 
-def finetune_front(cfg, study, front, model, data, out: Path, inv) -> list[dict]:
-    """Test accuracy of every Pareto trial before fine-tuning; fine-tune the top-K, export."""
+def finetune_front(cfg, study, front, model, data, out: Path, inv, evaluator=None) -> list[dict]:
+    """Test accuracy of every Pareto trial before fine-tuning; fine-tune the top-K, export.
+
+    With data-fitted layers each trial is refitted sequentially (``apply`` with the
+    calibration images: inputs from the model compressed so far) and its BatchNorm
+    recalibration chosen again on the calibration set, before it is tested or fine-tuned."""
     from autohybrid.apply import apply
     from autohybrid.evaluate import evaluate
     from autohybrid.export import export
@@ -246,7 +278,16 @@ def finetune_front(cfg, study, front, model, data, out: Path, inv) -> list[dict]
             row.update(done[key])
             rows.append(row)
             continue
-        small = apply(model, alloc, inv=inv, progress=False)
+        fitted = evaluator is not None and evaluator.fits_data
+        small = apply(model, alloc, inv=inv, progress=False,
+                      calibration=evaluator.images if fitted else None)
+        if evaluator is not None:
+            chosen = score_with_bn_choice(small, evaluator.images, evaluator.labels,
+                                          evaluator.reference, evaluator.bn_recal,
+                                          evaluator.recal_images, evaluator.batch_size,
+                                          cfg.quality)
+            row["top1_calibration_fitted"] = chosen["top1"]
+            row["bn_recal"] = chosen["bn_recal"]
         row["test_top1_before"] = evaluate(small, test, progress=False)["top1"]
         if rank < cfg.top_k:
             ft = FinetuneConfig(epochs=cfg.finetune_epochs, steps=cfg.finetune_steps,
@@ -257,7 +298,8 @@ def finetune_front(cfg, study, front, model, data, out: Path, inv) -> list[dict]
             row["test_top1_after"] = evaluate(small, test, progress=False)["top1"]
             export(small, alloc, out / "models" / f"trial-{t.number:04d}")
             row["model"] = f"models/trial-{t.number:04d}"
-        result = {k: row[k] for k in ("test_top1_before", "test_top1_after", "model") if k in row}
+        result = {k: row[k] for k in ("test_top1_before", "test_top1_after", "model",
+                                      "top1_calibration_fitted", "bn_recal") if k in row}
         done[key] = result
         study.set_user_attr("finetuned", done)
         rows.append(row)

@@ -28,7 +28,8 @@ from autohybrid.spec import LayerSpec
 __all__ = ["SearchStudy", "TrialSeededSampler", "pareto_front", "trial_layers", "make_sampler",
            "STUDY_KEYS"]
 
-STUDY_KEYS = ("fingerprint", "budget", "metric", "space", "quality", "groups", "calib", "seed")
+STUDY_KEYS = ("fingerprint", "budget", "metric", "space", "quality", "groups", "calib", "seed",
+              "fit")
 SCREEN_AFTER = 8
 SCREEN_FACTOR = 2.0
 MAX_SCREENED_IN_A_ROW = 3
@@ -102,6 +103,13 @@ def _is_retry(t: FrozenTrial) -> bool:
     return "retry_of" in t.user_attrs or "failed_trial" in t.system_attrs
 
 
+def fit_meta(cfg: SearchConfig) -> dict:
+    """How the study fits layers: what an allocation file records under ``meta.fit``."""
+    if cfg.fit != "data":
+        return {"mode": "weights"}
+    return {"mode": "data", "damp": cfg.damp, "saliency": cfg.saliency, "sequential": True}
+
+
 def trial_layers(trial: FrozenTrial) -> dict[str, LayerSpec]:
     return _load(trial.user_attrs["allocation"])
 
@@ -143,7 +151,7 @@ class SearchStudy:
             "fingerprint": self.ps.inv.fingerprint, "budget": self.cfg.budget,
             "metric": self.cfg.metric, "space": self.ps.space.digest,
             "quality": self.cfg.quality, "groups": [list(g.layers) for g in self.ps.groups],
-            "calib": self.cfg.calib, "seed": self.cfg.seed,
+            "calib": self.cfg.calib, "seed": self.cfg.seed, "fit": fit_meta(self.cfg),
         }
 
     def open(self, warm: dict[str, dict[str, LayerSpec]] | None = None) -> optuna.Study:

@@ -7,6 +7,8 @@
 - ``global_magnitude``: one magnitude threshold across all searched layers (global
   unstructured pruning); each layer's sparsity is what that threshold implies.
 - ``error_threshold`` (ALDS-style): like greedy, on the relative reconstruction error.
+- ``global_saliency_obs`` / ``global_saliency_wanda`` (with input statistics): global pruning
+  by activation-aware saliency, the data-fit counterpart of global magnitude.
 Each returns per-layer specs, or None when it cannot reach the budget. Every start keeps to
 the methods the search space allows each layer: a sparse-only space gets a uniform sparse
 start and no low-rank anywhere.
@@ -21,12 +23,14 @@ import torch
 from autohybrid.allocation import search_level
 from autohybrid.cost import allocation_cost
 from autohybrid.exceptions import BudgetError
+from autohybrid.fit import SALIENCIES
 from autohybrid.methods import HYBRID, LOWRANK, family
 from autohybrid.search.params import ParamSpace
 from autohybrid.sensitivity import spec_from_row
 from autohybrid.spec import LayerSpec
 
-__all__ = ["warm_starts", "uniform", "threshold", "global_magnitude"]
+__all__ = ["warm_starts", "uniform", "threshold", "global_magnitude", "global_saliency",
+           "global_threshold"]
 
 
 def _allowed(ps: ParamSpace) -> dict[str, tuple[str, ...]]:
@@ -88,18 +92,47 @@ def threshold(ps: ParamSpace, table: pd.DataFrame, column: str, budget: float):
 def global_magnitude(ps: ParamSpace, model: torch.nn.Module, budget: float):
     """One |w| threshold over every searched layer the space lets be sparse, sparsity per
     layer as it implies."""
+    layers = _sparse_layers(ps)
+    scores = {la.name: model.get_submodule(la.name).weight.detach().abs().flatten()
+              for la in layers}
+    return global_threshold(ps, scores, budget)
+
+
+def global_saliency(ps: ParamSpace, model: torch.nn.Module, stats, budget: float,
+                    kind: str | None = None):
+    """Global pruning by activation-aware saliency (``autohybrid.fit.saliency``, OBS or Wanda)
+    instead of |w|: each layer's scores are divided by its output energy per row, so they are
+    relative output errors and comparable across layers. One threshold, as global magnitude."""
+    from autohybrid.fit import output_error, problem_from_stats, saliency
+
+    scores = {}
+    for la in _sparse_layers(ps):
+        if la.name not in stats:
+            return None
+        w = model.get_submodule(la.name).weight.detach()
+        problem = problem_from_stats(w, stats.h[la.name])
+        wm = problem.matrix()
+        energy = output_error(wm, problem.raw) / wm.shape[0]
+        scores[la.name] = (saliency(problem, wm, kind) / max(energy, 1e-300)).flatten()
+    return global_threshold(ps, scores, budget)
+
+
+def _sparse_layers(ps: ParamSpace):
     allowed = _allowed(ps)
-    layers = [la for la in ps.space.compressible(ps.inv) if "sparse" in allowed.get(la.name, ())]
-    if not layers:
+    return [la for la in ps.space.compressible(ps.inv) if "sparse" in allowed.get(la.name, ())]
+
+
+def global_threshold(ps: ParamSpace, scores: dict[str, torch.Tensor], budget: float):
+    """One threshold over per-layer scores; a layer's sparsity is the share below it. The
+    fewest pruned weights that fit the budget (binary search), or None if none fits."""
+    if not scores:
         return None
-    weights = {la.name: model.get_submodule(la.name).weight.detach().abs().flatten()
-               for la in layers}
-    all_w = torch.cat(list(weights.values())).sort().values
+    all_w = torch.cat(list(scores.values())).sort().values
 
     def at(k: int) -> dict[str, LayerSpec]:
         t = all_w[min(k, len(all_w) - 1)]
         out = {}
-        for name, w in weights.items():
+        for name, w in scores.items():
             zeros = int((w < t).sum())
             if zeros:
                 out[name] = LayerSpec("sparse", sparsity=min(zeros / w.numel(), 0.9999))
@@ -117,7 +150,8 @@ def global_magnitude(ps: ParamSpace, model: torch.nn.Module, budget: float):
     return at(lo)
 
 
-def warm_starts(ps: ParamSpace, table: pd.DataFrame, model, budget: float) -> dict[str, dict]:
+def warm_starts(ps: ParamSpace, table: pd.DataFrame, model, budget: float,
+                stats=None) -> dict[str, dict]:
     """name -> per-layer specs, for every warm start that can meet the budget.
 
     Where the space mixes method families, greedy and error threshold also run on each
@@ -131,6 +165,9 @@ def warm_starts(ps: ParamSpace, table: pd.DataFrame, model, budget: float) -> di
         "global_magnitude": global_magnitude(ps, model, budget),
         "error_threshold": threshold(ps, table, "rel_error", budget),
     }
+    if stats is not None:  # data-fitted layers: global saliency (both kinds) beside magnitude
+        for kind in SALIENCIES:
+            starts[f"global_saliency_{kind}"] = global_saliency(ps, model, stats, budget, kind)
     fams = table.method.map(family) if len(table) else pd.Series(dtype=str)
     if fams.nunique() > 1:
         # single-family first (the mixed rule had its go), named sparse / lowrank / hybrid
