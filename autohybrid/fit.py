@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 DAMP = 0.01
-SALIENCIES = ("obs", "wanda", "magnitude")
+SALIENCIES = ("best", "obs", "wanda", "magnitude")
 SALIENCY = "obs"
 
 
@@ -58,7 +58,8 @@ class FitProblem:
         target: weight-shaped float64 tensor: the weight whose outputs the fit approaches.
         metric: (G, k, k) float64, the damped second moment the error is measured in.
         raw: (G, k, k) float64, the undamped second moment (for the reported error).
-        saliency: the mask saliency for sparse parts (``obs`` or ``wanda``).
+        saliency: the mask saliency for sparse parts: ``obs``, ``wanda``, ``magnitude``, or
+            ``best`` (each layer keeps whichever of OBS and Wanda fits its outputs better).
     """
 
     target: torch.Tensor
@@ -171,6 +172,8 @@ def saliency(problem: FitProblem, w: torch.Tensor, kind: str | None = None) -> t
     (SparseGPT) or Wanda's ``|w| · sqrt(H_jj)``, each with its row's group's ``H``; or plain
     ``|w|`` (``magnitude``: the weight fit's mask, values still refit)."""
     kind = kind or problem.saliency
+    if kind == "best":
+        kind = "obs"
     g = problem.groups
     if kind == "wanda":
         d = problem.raw.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()  # (G, k)
@@ -190,29 +193,47 @@ def masked_lstsq(
     """Exact damped least squares of each row's kept entries for a fixed mask.
 
     Row ``o`` (group ``g``): ``ŵ_M = argmin (ŵ - t_o) H_g (ŵ - t_o)^T`` over ``ŵ`` supported on
-    ``M = mask[o]``, i.e. ``H_g[M, M] ŵ_M = H_g[M, :] t_o``. Rows are solved in batches: the
-    masked-out coordinates get an identity block and a zero right-hand side, so one batched
-    Cholesky solves rows with different masks. Returns (out, k) with zeros off the mask.
+    ``M = mask[o]``, i.e. ``H_g[M, M] ŵ_M = (t_o H_g)_M``. Rows are solved in batches on their
+    kept coordinates only (a row's system is |M| x |M|, not k x k): each row's kept columns
+    are gathered, rows with fewer than the batch's largest count are padded with identity
+    rows and zero right-hand sides, and one batched Cholesky solves them all. Returns (out, k)
+    with zeros off the mask.
     """
     out_rows, k = target.shape
     g = metric.shape[0]
     per = out_rows // g
+    rhs = (_grouped(target, g) @ metric).reshape(out_rows, k)  # rows of t_o H_g
+    counts = mask.sum(1)
+    order = torch.argsort(counts, stable=True)  # similar counts batch together: less padding
     result = torch.zeros_like(target)
-    step = max(1, chunk_entries // (k * k))
-    eye = torch.eye(k, dtype=metric.dtype)
-    for lo in range(0, out_rows, step):
-        hi = min(out_rows, lo + step)
-        m = mask[lo:hi]
-        if not bool(m.any()):
+    lo = 0
+    while lo < out_rows:
+        m = int(counts[order[lo]])
+        hi = lo + 1
+        while hi < out_rows and (hi - lo + 1) * int(counts[order[hi]]) ** 2 <= chunk_entries:
+            hi += 1
+        rows = order[lo:hi]
+        m = int(counts[rows].max())
+        lo_next = hi
+        if m == 0:
+            lo = lo_next
             continue
-        a = metric[torch.arange(lo, hi) // per]  # (c, k, k), a copy
-        t = target[lo:hi]
-        b = (a @ t.unsqueeze(-1)).squeeze(-1)
-        keep = m[:, :, None] & m[:, None, :]
-        a = torch.where(keep, a, torch.zeros((), dtype=a.dtype)) + (~m).double()[:, :, None] * eye
-        b = torch.where(m, b, torch.zeros((), dtype=b.dtype))
-        x = spd_solve(a, b.unsqueeze(-1)).squeeze(-1)
-        result[lo:hi] = x * m
+        # kept columns first (in column order), then padding
+        cols = torch.argsort((~mask[rows]).to(torch.int8), dim=1, stable=True)[:, :m]
+        valid = torch.arange(m)[None, :] < counts[rows][:, None]  # (c, m)
+        h = metric[rows // per]  # (c, k, k)
+        sub = torch.gather(h, 1, cols[:, :, None].expand(-1, -1, k))
+        sub = torch.gather(sub, 2, cols[:, None, :].expand(-1, m, -1))  # (c, m, m)
+        pair = valid[:, :, None] & valid[:, None, :]
+        eye = torch.eye(m, dtype=metric.dtype)
+        sub = torch.where(pair, sub, torch.zeros((), dtype=sub.dtype)) \
+            + (~valid).to(sub.dtype)[:, :, None] * eye
+        b = torch.where(valid, torch.gather(rhs[rows], 1, cols), torch.zeros((), dtype=rhs.dtype))
+        x = spd_solve(sub, b.unsqueeze(-1)).squeeze(-1) * valid
+        vals = torch.zeros(len(rows), k, dtype=target.dtype)
+        vals.scatter_(1, cols, x)
+        result[rows] = vals * mask[rows]
+        lo = lo_next
     return result
 
 

@@ -125,14 +125,16 @@ def collect_stats(
         for hk in hooks:
             hk.remove()
         model.train(was_training)
-    for name in layers:
-        k = h[name].shape[-1] if name in h else 0
-        if name in h and rows[name] < k:
-            warnings.warn(
-                f"layer {name}: {rows[name]} calibration rows for {k} input columns; the "
-                "damping carries the fit, more calibration images (--calib) would be better",
-                stacklevel=2,
-            )
+    short = [(name, rows[name], h[name].shape[-1]) for name in layers
+             if name in h and rows[name] < h[name].shape[-1]]
+    if short:
+        name, n, k = min(short, key=lambda s: s[1] / s[2])
+        warnings.warn(
+            f"{len(short)} layer(s) saw fewer calibration rows than input columns (fewest: "
+            f"{name}, {n} rows for {k} columns); the damping carries their fit, more "
+            "calibration images (--calib) would fit them better",
+            stacklevel=3,
+        )
     return LayerStats(h, rows)
 
 

@@ -10,10 +10,12 @@ import math
 import torch
 
 from autohybrid.exceptions import MethodError
-from autohybrid.fit import FitProblem, masked_lstsq, saliency
+from autohybrid.fit import FitProblem, masked_lstsq, output_error, saliency
 from autohybrid.inventory import LayerInfo
 from autohybrid.layers import sparse_module
 from autohybrid.methods.base import Method, register, rel_error
+
+SALIENCY_KINDS = ("obs", "wanda")  # what saliency "best" tries
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -92,13 +94,18 @@ def fit_sparse(
     sparsity: float,
     pattern: str,
     mask_from: torch.Tensor | None = None,
+    kind: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sparse part fitted to the outputs of the (out, k) matrix ``target`` in the
-    problem's metric: the mask by activation-aware saliency (``problem.saliency``; exactly the
-    allocated count, or exactly N of every M), the kept values by exact damped least squares
-    per row (``autohybrid.fit.masked_lstsq``). ``mask_from`` picks the mask by magnitude of
-    that matrix instead. Returns (indices, values, the (out, k) sparse matrix)."""
-    score = saliency(problem, target) if mask_from is None else mask_from.abs()
+    problem's metric: the mask by activation-aware saliency (``kind``, default
+    ``problem.saliency``; exactly the allocated count, or exactly N of every M), the kept values
+    by exact damped least squares per row (``autohybrid.fit.masked_lstsq``). ``mask_from``
+    picks the mask by magnitude of that matrix instead. Returns (indices, values, the (out, k)
+    sparse matrix)."""
+    kind = kind or problem.saliency
+    if mask_from is None and kind == "best":
+        kind = SALIENCY_KINDS[0]
+    score = saliency(problem, target, kind) if mask_from is None else mask_from.abs()
     idx = magnitude_topk(score, keep_count(layer, sparsity, pattern), pattern)
     mask = torch.zeros(target.numel(), dtype=torch.bool)
     mask[idx] = True
@@ -137,14 +144,24 @@ class Sparse(Method):
         return sparse_module(layer, keep_count(layer, spec.sparsity, spec.pattern), layer.bias)
 
     def fit(self, problem, bias, layer, spec, cache=None):
-        idx, values, approx = fit_sparse(problem, problem.matrix(), layer, spec.sparsity,
-                                         spec.pattern)
+        """The saliency mask (``problem.saliency``; ``best``: OBS and Wanda both) and the
+        weight fit's magnitude mask, each with its values refit by least squares; the lowest
+        output error wins, so the data fit never loses to the weight fit's mask."""
+        t = problem.matrix()
+        kinds = SALIENCY_KINDS if problem.saliency == "best" else (problem.saliency,)
+        best = None
+        for kind in dict.fromkeys((*kinds, "magnitude")):
+            fitted = fit_sparse(problem, t, layer, spec.sparsity, spec.pattern, kind=kind)
+            err = output_error(t - fitted[2], problem.metric)
+            if best is None or err < best[0]:
+                best = (err, fitted)
+        idx, values, approx = best[1]
         module = sparse_module(layer, idx.numel(), bias is not None)
         module.load_sparse(idx, values.to(module.values.dtype))
         if bias is not None:
             with torch.no_grad():
                 module.bias.copy_(bias)
-        return module, approx
+        return module, approx.reshape(layer.weight_shape)
 
     def compress(self, weight, bias, layer, spec, cache=None):
         idx, values = sparse_part(weight, layer, spec.sparsity, spec.pattern)

@@ -23,8 +23,8 @@ import torch
 from autohybrid.allocation import search_level
 from autohybrid.cost import allocation_cost
 from autohybrid.exceptions import BudgetError
-from autohybrid.fit import SALIENCIES
 from autohybrid.methods import HYBRID, LOWRANK, family
+from autohybrid.methods.sparse import SALIENCY_KINDS
 from autohybrid.search.params import ParamSpace
 from autohybrid.sensitivity import spec_from_row
 from autohybrid.spec import LayerSpec
@@ -166,7 +166,7 @@ def warm_starts(ps: ParamSpace, table: pd.DataFrame, model, budget: float,
         "error_threshold": threshold(ps, table, "rel_error", budget),
     }
     if stats is not None:  # data-fitted layers: global saliency (both kinds) beside magnitude
-        for kind in SALIENCIES:
+        for kind in SALIENCY_KINDS:
             starts[f"global_saliency_{kind}"] = global_saliency(ps, model, stats, budget, kind)
     fams = table.method.map(family) if len(table) else pd.Series(dtype=str)
     if fams.nunique() > 1:
