@@ -128,7 +128,7 @@ def apply(
         warnings.warn(
             f"{len(wants_data)} layer(s) ask for fit: data but no calibration images were "
             "given; using the weight fit (pass calibration=..., or --data to the CLI)",
-            stacklevel=2,
+            stacklevel=3,  # the caller of apply (torch.no_grad wraps it)
         )
     if wants_data and calibration is not None and not settings["sequential"] and stats is None:
         from autohybrid.stats import collect_stats

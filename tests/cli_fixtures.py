@@ -43,6 +43,12 @@ def make_fixtures(d: Path) -> dict[str, str]:
     d_sp = alloc.to_dict()
     d_sp["layers"]["layer1.0.conv1"] = {"method": "sparse", "sparsity": 1.5}
     _yaml(d / "bad_sparsity.yaml", d_sp)
+    d_fit = alloc.to_dict()
+    d_fit["layers"]["layer1.0.conv1"] = {"method": "sparse", "sparsity": 0.5, "fit": "exact"}
+    _yaml(d / "bad_fit.yaml", d_fit)
+    d_ok = alloc.to_dict()
+    d_ok["layers"]["layer1.0.conv1"] = {"method": "sparse", "sparsity": 0.5, "fit": "data"}
+    _yaml(d / "fit_data.yaml", d_ok)
     (d / "space.yaml").write_text("name: mine\ncolour: red\n")
     (d / "empty_dir").mkdir(exist_ok=True)
     bad = d / "mislabeled"

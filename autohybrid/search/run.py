@@ -214,7 +214,8 @@ def write_front(study: optuna.Study, out: Path, budget: float | None) -> list:
         if fit.get("mode") == "data":
             layers = {n: replace(s, fit="data") for n, s in layers.items()}
             meta_fit = {"fit": {k: v for k, v in fit.items() if k != "mode"},
-                        "calibration": {"n": attrs.get("calib"), "seed": attrs.get("seed")}}
+                        "calibration": {"data": attrs.get("data"), "n": attrs.get("calib"),
+                                        "seed": attrs.get("seed")}}
         alloc = Allocation(
             layers=layers, fingerprint=attrs["fingerprint"],
             model=dict(attrs.get("model", {})), budget=attrs.get("budget"),

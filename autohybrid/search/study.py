@@ -152,6 +152,7 @@ class SearchStudy:
             "metric": self.cfg.metric, "space": self.ps.space.digest,
             "quality": self.cfg.quality, "groups": [list(g.layers) for g in self.ps.groups],
             "calib": self.cfg.calib, "seed": self.cfg.seed, "fit": fit_meta(self.cfg),
+            "data": self.cfg.data,
         }
 
     def open(self, warm: dict[str, dict[str, LayerSpec]] | None = None) -> optuna.Study:
