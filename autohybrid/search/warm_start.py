@@ -102,7 +102,8 @@ def global_saliency(ps: ParamSpace, model: torch.nn.Module, stats, budget: float
                     kind: str | None = None):
     """Global pruning by activation-aware saliency (``autohybrid.fit.saliency``, OBS or Wanda)
     instead of |w|: each layer's scores are divided by its output energy per row, so they are
-    relative output errors and comparable across layers. One threshold, as global magnitude."""
+    relative output errors and comparable across layers (Wanda's score is squared first, so it
+    is in squared output units as OBS's is). One threshold, as global magnitude."""
     from autohybrid.fit import output_error, problem_from_stats, saliency
 
     scores = {}
@@ -113,7 +114,10 @@ def global_saliency(ps: ParamSpace, model: torch.nn.Module, stats, budget: float
         problem = problem_from_stats(w, stats.h[la.name])
         wm = problem.matrix()
         energy = output_error(wm, problem.raw) / wm.shape[0]
-        scores[la.name] = (saliency(problem, wm, kind) / max(energy, 1e-300)).flatten()
+        score = saliency(problem, wm, kind)
+        if (kind or problem.saliency) == "wanda":  # |w|·sqrt(H_jj): squared, as OBS's units
+            score = score**2
+        scores[la.name] = (score / max(energy, 1e-300)).flatten()
     return global_threshold(ps, scores, budget)
 
 
