@@ -300,8 +300,9 @@ def finetune_front(cfg, study, front, model, data, out: Path, inv, evaluator=Non
             row["test_top1_after"] = evaluate(small, test, progress=False)["top1"]
             export(small, alloc, out / "models" / f"trial-{t.number:04d}")
             row["model"] = f"models/trial-{t.number:04d}"
-        result = {k: row[k] for k in ("test_top1_before", "test_top1_after", "model",
-                                      "top1_calibration_fitted", "bn_recal") if k in row}
+        # in the order they were added, so a resumed front writes the same columns
+        result = {k: row[k] for k in ("top1_calibration_fitted", "bn_recal", "test_top1_before",
+                                      "test_top1_after", "model") if k in row}
         done[key] = result
         study.set_user_attr("finetuned", done)
         rows.append(row)
