@@ -84,6 +84,20 @@ def test_printed_front_is_a_line_a_trial_on_80_columns(run, monkeypatch):
     assert front.origin.notna().all()  # the whole origin stays in the CSV
 
 
+def test_front_is_ranked_by_the_refit_score_and_its_first_fine_tuned(run):
+    """Every front trial is refit sequentially and scored again on the calibration set; the
+    front is ranked by that score (``kl_fitted``) and the top-K of it are fine-tuned."""
+    cfg, out, _ = run
+    front = pd.read_csv(out / "pareto.csv")
+    assert front.kl_fitted.notna().all() and front.bn_recal.notna().all()
+    assert list(front.kl_fitted) == sorted(front.kl_fitted)
+    tuned = front.test_top1_after.notna().tolist()
+    assert tuned == [i < cfg.top_k for i in range(len(front))]
+    alloc = ah.Allocation.load(out / front.allocation[0])
+    assert alloc.meta["fit"]["sequential"] and alloc.meta["calibration"]["n"] == cfg.calib
+    assert all(s.fit == "data" for s in alloc.layers.values())
+
+
 def test_every_pareto_allocation_reapplies_within_budget(run):
     cfg, out, ckpt = run
     front = pd.read_csv(out / "pareto.csv")

@@ -251,20 +251,23 @@ def short_origin(text: str) -> str:
 def finetune_front(cfg, study, front, model, data, out: Path, inv, evaluator=None) -> list[dict]:
     """Test accuracy of every Pareto trial before fine-tuning; fine-tune the top-K, export.
 
-    With data-fitted layers each trial is refitted sequentially (``apply`` with the
-    calibration images: inputs from the model compressed so far) and its BatchNorm
-    recalibration chosen again on the calibration set, before it is tested or fine-tuned."""
+    With data-fitted layers each trial is first refitted sequentially (``apply`` with the
+    calibration images: inputs from the model compressed so far), its BatchNorm recalibration
+    chosen again, and scored again on the calibration set (``<quality>_fitted``). The front is
+    then ranked by that score, not by the trial's own (from the cheaper independent fit): the
+    refit reorders trials (ResNet-20 at 0.1 of the params: the trial first by the trial score
+    reached 60.1 % on the test split, the first by the refit score 63.7 %). The top-K of that
+    ranking are fine-tuned. Every step is stored in the study, so a rerun redoes nothing."""
     from autohybrid.apply import apply
     from autohybrid.evaluate import evaluate
-    from autohybrid.export import export
-    from autohybrid.finetune import FinetuneConfig, finetune
 
     test = data.test
     if cfg.test_limit:
         test = torch.utils.data.Subset(test, range(min(cfg.test_limit, len(test))))
     done = dict(study.user_attrs.get("finetuned", {}))
-    rows = []
-    for rank, t in enumerate(front):
+    fitted_key = f"{cfg.quality}_fitted"
+    rows, built = [], {}
+    for t in front:
         alloc = Allocation.load(out / "allocations" / f"trial-{t.number:04d}.yaml", inv)
         row = {
             "trial": t.number, cfg.quality: t.values[0],
@@ -278,35 +281,63 @@ def finetune_front(cfg, study, front, model, data, out: Path, inv, evaluator=Non
         key = str(t.number)
         if key in done:
             row.update(done[key])
-            rows.append(row)
+            rows.append((row, alloc))
             continue
-        fitted = evaluator is not None and evaluator.fits_data
-        small = apply(model, alloc, inv=inv, progress=False,
-                      calibration=evaluator.images if fitted else None)
-        if evaluator is not None:
-            chosen = score_with_bn_choice(small, evaluator.images, evaluator.labels,
-                                          evaluator.reference, evaluator.bn_recal,
-                                          evaluator.recal_images, evaluator.batch_size,
-                                          cfg.quality)
-            row["top1_calibration_fitted"] = chosen["top1"]
-            row["bn_recal"] = chosen["bn_recal"]
+        small = _fitted(cfg, model, alloc, inv, evaluator, row, apply)
         row["test_top1_before"] = evaluate(small, test, progress=False)["top1"]
-        if rank < cfg.top_k:
-            ft = FinetuneConfig(epochs=cfg.finetune_epochs, steps=cfg.finetune_steps,
-                                lr=cfg.finetune_lr, seed=cfg.seed,
-                                flip=not str(cfg.data).startswith("digits"))
-            ckpt = out / "finetune" / f"trial-{t.number:04d}"
-            finetune(small, model, data.train, ft, checkpoint_dir=ckpt, progress=True)
-            row["test_top1_after"] = evaluate(small, test, progress=False)["top1"]
-            export(small, alloc, out / "models" / f"trial-{t.number:04d}")
-            row["model"] = f"models/trial-{t.number:04d}"
-        # in the order they were added, so a resumed front writes the same columns
-        result = {k: row[k] for k in ("top1_calibration_fitted", "bn_recal", "test_top1_before",
-                                      "test_top1_after", "model") if k in row}
-        done[key] = result
+        built[key] = small
+        done[key] = _stored(row, fitted_key)
         study.set_user_attr("finetuned", done)
-        rows.append(row)
-    return rows
+        rows.append((row, alloc))
+    rows.sort(key=lambda ra: ra[0].get(fitted_key, ra[0][cfg.quality]))
+    for rank, (row, alloc) in enumerate(rows):
+        key = str(row["trial"])
+        if rank >= cfg.top_k or "test_top1_after" in row:
+            continue
+        small = built.pop(key, None) or _fitted(cfg, model, alloc, inv, evaluator, {}, apply)
+        _finetune_export(cfg, small, model, data, alloc, out, row, test)
+        done[key] = _stored(row, fitted_key)
+        study.set_user_attr("finetuned", done)
+    return [row for row, _ in rows]
+
+
+def _fitted(cfg, model, alloc, inv, evaluator, row: dict, apply):
+    """The trial's model as handed on: sequentially refit to the calibration images and with
+    its BatchNorm recalibration chosen on them (scores into ``row``)."""
+    fits = evaluator is not None and evaluator.fits_data
+    small = apply(model, alloc, inv=inv, progress=False,
+                  calibration=evaluator.images if fits else None)
+    if evaluator is not None:
+        chosen = score_with_bn_choice(small, evaluator.images, evaluator.labels,
+                                      evaluator.reference, evaluator.bn_recal,
+                                      evaluator.recal_images, evaluator.batch_size, cfg.quality)
+        row[f"{cfg.quality}_fitted"] = chosen[cfg.quality]
+        row["top1_calibration_fitted"] = chosen["top1"]
+        row["bn_recal"] = chosen["bn_recal"]
+    return small
+
+
+def _finetune_export(cfg, small, model, data, alloc, out: Path, row: dict, test) -> None:
+    from autohybrid.evaluate import evaluate
+    from autohybrid.export import export
+    from autohybrid.finetune import FinetuneConfig, finetune
+
+    ft = FinetuneConfig(epochs=cfg.finetune_epochs, steps=cfg.finetune_steps,
+                        lr=cfg.finetune_lr, seed=cfg.seed,
+                        flip=not str(cfg.data).startswith("digits"))
+    ckpt = out / "finetune" / f"trial-{row['trial']:04d}"
+    finetune(small, model, data.train, ft, checkpoint_dir=ckpt, progress=True)
+    row["test_top1_after"] = evaluate(small, test, progress=False)["top1"]
+    export(small, alloc, out / "models" / f"trial-{row['trial']:04d}")
+    row["model"] = f"models/trial-{row['trial']:04d}"
+
+
+def _stored(row: dict, fitted_key: str) -> dict:
+    """What the study keeps of a front row (in the order added: a resumed front writes the
+    same columns)."""
+    keys = (fitted_key, "top1_calibration_fitted", "bn_recal", "test_top1_before",
+            "test_top1_after", "model")
+    return {k: row[k] for k in keys if k in row}
 
 
 def _write_pareto_csv(rows: list[dict], out: Path) -> None:
@@ -322,8 +353,8 @@ def _print_front(rows: list[dict]) -> None:
     from rich.table import Table
 
     table = Table(title="Pareto front (within budget)",
-                  caption="top-1 %: calib = calibration set; before / after = test split, "
-                          "before / after fine-tuning")
+                  caption="top-1 %: calib = calibration set (as handed on: refit, BN "
+                          "chosen); before / after = test split, before / after fine-tuning")
     for col in ("trial", "params", "MACs", "calib", "before", "after", "from"):
         table.add_column(col, no_wrap=True, justify="left" if col == "from" else "right")
 
@@ -333,7 +364,8 @@ def _print_front(rows: list[dict]) -> None:
     for r in rows:
         table.add_row(
             str(r["trial"]), f"{r['params_fraction']:.3f}", f"{r['macs_fraction']:.3f}",
-            pct(r.get("top1_calibration")), pct(r.get("test_top1_before")),
+            pct(r.get("top1_calibration_fitted", r.get("top1_calibration"))),
+            pct(r.get("test_top1_before")),
             pct(r.get("test_top1_after")), short_origin(r.get("origin", "")),
         )
     console.print(table)
