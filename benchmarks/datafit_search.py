@@ -23,6 +23,7 @@ from pathlib import Path
 
 import _common  # first: records the caller's thread settings
 import torch
+from _compare_methods import restrict
 
 from autohybrid.config import SearchConfig
 from autohybrid.io import atomic_write_text
@@ -52,13 +53,13 @@ class Settings:
 
 
 def space_file(model: str, family: str, out: Path) -> str | None:
+    """The model's search space cut to ``family``'s methods (``_compare_methods.restrict``),
+    written where ``run_search`` can read it; None for the whole space."""
     keep = FAMILIES[family]
     if keep is None:
         return None
-    space = load_search_space(model)
-    methods = {k: [m for m in ms if m in keep] for k, ms in space.methods.items()}
-    space = dataclasses.replace(space, name=f"{space.name}-{family}",
-                                methods={k: v for k, v in methods.items() if v})
+    space = dataclasses.replace(restrict(load_search_space(model), frozenset(keep)),
+                                name=f"{model}-{family}")
     path = out / f"space-{family}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     space.save(path)
