@@ -14,12 +14,12 @@ import warnings
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from autohybrid.allocation import Allocation
 from autohybrid.fit import DAMP, SALIENCY, problem_from_stats, sequential_problem
 from autohybrid.inventory import Inventory, LayerInfo, inventory
 from autohybrid.methods.base import build
+from autohybrid.progress import bar
 from autohybrid.stats import layer_rows, moment
 
 __all__ = ["apply", "skeleton", "model_inventory", "fit_settings"]
@@ -138,8 +138,7 @@ def apply(
     try:
         for m, _ in modes:
             m.eval()
-        for name, spec in tqdm(todo, desc="compress", leave=False,
-                               disable=None if progress is None else not progress):
+        for name, spec in bar(todo, desc="compress", leave=False, progress=progress):
             layer = inv[name]
             dense_mod = model.get_submodule(name)
             weight = dense_mod.weight.detach()

@@ -83,6 +83,12 @@ class SearchConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> SearchConfig:
+        return cls.from_dict(cls.read(path), str(path))
+
+    @classmethod
+    def read(cls, path: str | Path) -> dict:
+        """The settings a YAML file gives, and only those (for layering: defaults < file <
+        flags); unknown keys rejected."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found")
@@ -90,7 +96,11 @@ class SearchConfig:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError:
             raise ConfigError(f"{path}: malformed YAML; fix the file") from None
-        return cls.from_dict(data, str(path))
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of settings, got "
+                              f"{type(data).__name__}; fix the file")
+        check_keys(cls, data, str(path))
+        return data
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,7 +148,3 @@ class SearchConfig:
                               f"{self.damp!r}")
         if self.top_k < 0:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
-
-    @property
-    def is_demo(self) -> bool:
-        return self.model is None

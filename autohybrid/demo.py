@@ -14,16 +14,36 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from autohybrid.config import DEMO_MODEL
 from autohybrid.io import atomic_path
+from autohybrid.progress import bar as progress_bar
 
-__all__ = ["demo_checkpoint", "DEMO_INPUT", "DEMO_DATA"]
+__all__ = ["demo_checkpoint", "demo_settings", "demo_config", "DEMO_INPUT", "DEMO_DATA"]
 
 DEMO_INPUT = (3, 32, 32)
 DEMO_DATA = "digits"
 EPOCHS = 20
+
+
+# The demo's own settings, under the user's: digits is tiny, so 256 calibration images, and 15
+# fine-tune epochs (~165 steps) at a higher rate for the one trial fine-tuned. With data-fitted
+# layers the front starts at 93.9-95.3 % on the digits test split and this takes the best to
+# 96.9 % (dense 95.3 %).
+DEMO_SETTINGS = {"model": DEMO_MODEL, "data": DEMO_DATA, "input_size": list(DEMO_INPUT),
+                 "calib": 256, "finetune_epochs": 15.0, "finetune_lr": 1e-3, "top_k": 1}
+
+
+def demo_settings(progress: bool = True) -> dict:
+    """The demo's settings, its checkpoint included (trained on first use)."""
+    return {**DEMO_SETTINGS, "checkpoint": str(demo_checkpoint(progress))}
+
+
+def demo_config(**overrides):
+    """The built-in demo as a ``SearchConfig``; ``overrides`` win over its settings."""
+    from autohybrid.config import SearchConfig
+
+    return SearchConfig.from_dict({**demo_settings(), **overrides}, "demo")
 
 
 def cache_dir() -> Path:
@@ -59,8 +79,8 @@ def _train(path: Path, progress: bool) -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps)
     g = torch.Generator().manual_seed(0)
     model.train()
-    bar = tqdm(range(EPOCHS), desc=f"training demo model {DEMO_MODEL} on digits",
-               disable=not progress)
+    bar = progress_bar(range(EPOCHS), desc=f"training demo model {DEMO_MODEL} on digits",
+                       progress=progress)
     for _ in bar:
         for idx in torch.randperm(len(x), generator=g).split(64):
             xb = x[idx]

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+
+from autohybrid.progress import bar as progress_bar
 
 from .data import loader
 from .exceptions import DataError
@@ -67,7 +68,7 @@ def evaluate(
     correct = agree = n = 0
     loss_sum = kl_sum = 0.0
     kept: list[torch.Tensor] = []
-    bar = tqdm(batches, desc="evaluate", unit="batch", disable=not progress, leave=False)
+    bar = progress_bar(batches, desc="evaluate", unit="batch", progress=progress, leave=False)
     try:
         for m, _ in modes:
             m.eval()
@@ -157,8 +158,8 @@ def recalibrate_bn(
         bn.train()
     try:
         with torch.no_grad():
-            bar = tqdm(batch_iter, total=total, desc="recalibrate BN", unit="batch",
-                       disable=not progress, leave=False)  # fmt: skip
+            bar = progress_bar(batch_iter, total=total, desc="recalibrate BN", unit="batch",
+                               progress=progress, leave=False)
             for i, batch in enumerate(bar):
                 if batches is not None and i >= batches:
                     break

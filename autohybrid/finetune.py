@@ -34,6 +34,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from autohybrid.progress import bar as progress_bar
+
 from .data import ArrayDataset
 from .exceptions import CheckpointError, ConfigError, DataError, ModelError
 from .io import atomic_path, atomic_write_text
@@ -382,7 +384,7 @@ def finetune(
 
     teacher_mode = teacher.training if teacher is not None else False
     use_teacher = teacher is not None and config.alpha > 0
-    bar = tqdm(total=total, initial=step, desc="finetune", unit="step", disable=not progress)
+    bar = progress_bar(total=total, initial=step, desc="finetune", unit="step", progress=progress)
     try:
         if teacher is not None:
             teacher.eval()

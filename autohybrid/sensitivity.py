@@ -30,6 +30,7 @@ from autohybrid.exceptions import ConfigError
 from autohybrid.inventory import Inventory, LayerInfo
 from autohybrid.io import atomic_path, atomic_write_text, remove_stale_temps
 from autohybrid.methods.base import build
+from autohybrid.progress import bar as progress_bar
 from autohybrid.search_space import SearchSpace
 from autohybrid.spec import LayerSpec
 
@@ -372,10 +373,8 @@ def sensitivity(
         dense_scores.add(logits, yb, logits)
     dense = dense_scores.as_dict()
     t0 = time.time()
-    bar = tqdm(
-        total=sum(len(space.candidates(la)) for la in todo),
-        desc="sensitivity", unit="cand", disable=None if progress is None else not progress,
-    )
+    bar = progress_bar(total=sum(len(space.candidates(la)) for la in todo),
+                       desc="sensitivity", unit="cand", progress=progress)
     bar.update(sum(len(space.candidates(la)) for la in todo if la.name in done))
     for layer in todo:
         if layer.name in done:

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from autohybrid.inventory import Inventory, LayerInfo
 from autohybrid.io import atomic_path
+from autohybrid.progress import bar as progress_bar
 
 __all__ = ["LayerStats", "layer_rows", "collect_stats", "input_stats", "images_digest"]
 
@@ -117,8 +118,8 @@ def collect_stats(
     was_training = model.training
     model.eval()
     try:
-        bar = tqdm(images.split(batch_size), desc="input statistics", unit="batch",
-                   disable=None if progress is None else not progress, leave=False)
+        bar = progress_bar(images.split(batch_size), desc="input statistics", unit="batch",
+                           progress=progress, leave=False)
         for xb in bar:
             model(xb)
     finally:

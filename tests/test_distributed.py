@@ -165,16 +165,30 @@ def check_shared_study(study: optuna.Study, reports: list[dict], trials: int) ->
     front = pareto_front(all_trials, BUDGET)
     assert front and {tuple(t.values) for t in front} == brute_front(all_trials, BUDGET)
     assert len(front) == len({tuple(t.values) for t in front})
-    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+    for t in study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED)):
         check_complete(t)
+    check_no_sentinels(all_trials)
+
+
+def check_no_sentinels(trials: list[FrozenTrial]) -> None:
+    """What optuna-dashboard plots is what was measured: every stored objective value is a
+    real quality (a KL, well below 100) and a cost fraction in (0, 1]; trials that were not
+    evaluated store none."""
+    for t in trials:
+        if t.values is None:
+            assert t.state != TrialState.COMPLETE
+            continue
+        assert 0 <= t.values[0] < 100 and 0 < t.values[1] <= 1, (t.number, t.values)
 
 
 def check_complete(t: FrozenTrial) -> bool:
-    """Every complete trial is evaluated, within the budget and carries every user attr, or
-    is infeasible: as SearchStudy.objective makes it when the parameters cannot be repaired
-    into the budget, complete at quality 1e9 and never evaluated. True when evaluated."""
+    """Every complete trial is evaluated, within the budget and carries every user attr; an
+    infeasible one (parameters that cannot be repaired into the budget, as
+    ``SearchStudy.prepare`` settles them) is pruned with no objective values, never evaluated.
+    True when evaluated."""
     if t.user_attrs.get("infeasible"):
-        assert t.values[0] == 1e9 and t.user_attrs["constraint"] > 0
+        assert t.state == TrialState.PRUNED and t.values is None
+        assert t.user_attrs["constraint"] > 0 and t.constraints[0] > 0
         assert "top1" not in t.user_attrs and "ray_trial" not in t.user_attrs
         return False
     assert all(k in t.user_attrs for k in ATTRS), sorted(t.user_attrs)
@@ -366,22 +380,31 @@ def test_password_is_masked_in_urls_and_errors(tmp_path):
 
 
 def test_ray_stops_at_trials_within_the_budget_as_the_optuna_path_does():
-    """``--trials`` counts evaluated trials within the budget on both backends: trials that
-    could not be repaired into the budget (told COMPLETE, never evaluated) do not count."""
+    """``--trials`` counts evaluated trials within the budget on both backends (one stop
+    rule, ``SearchStudy.finished``): trials that could not be repaired into the budget, or
+    were screened, do not count, and trials in flight count as the Ray searcher's."""
     pytest.importorskip("ray")
     from types import SimpleNamespace
 
-    from autohybrid.search.ray_backend import _Driver
+    from autohybrid.search.ray_backend import StudySearcher
 
     study = optuna.create_study(directions=["minimize", "minimize"])
     for constraint in (-0.01, 0.2, 0.0, 0.3):  # two within the budget, two over it
-        study.add_trial(optuna.trial.create_trial(values=[1.0, 0.5],
-                                                  user_attrs={"constraint": constraint}))
+        study.add_trial(optuna.trial.create_trial(
+            values=[1.0, 0.5] if constraint <= 0 else None, user_attrs={"constraint": constraint},
+            state=TrialState.COMPLETE if constraint <= 0 else TrialState.PRUNED))
     study.add_trial(optuna.trial.create_trial(state=TrialState.RUNNING))
     ss = SimpleNamespace(study=study, cfg=SearchConfig(trials=3))
-    ss.completed = lambda: SearchStudy.completed(ss)
-    assert _Driver(ss).counts(fresh=True) == (2, 5)
-    assert len(SearchStudy.feasible(ss)) == 2  # what SearchStudy.run stops on
+    ss.counts = lambda: SearchStudy.counts(ss)
+    ss.finished = lambda running=0: SearchStudy.finished(ss, running)
+    assert ss.counts() == (2, 5)
+    assert not ss.finished() and ss.finished(running=1)
+    searcher = StudySearcher.__new__(StudySearcher)
+    searcher.ss, searcher.live, searcher.numbers = ss, {"t1"}, {"t1": 4}
+    assert searcher.suggest("t2") is None  # the running trial may reach the total
+    study.add_trial(optuna.trial.create_trial(values=[1.0, 0.5],
+                                              user_attrs={"constraint": -0.1}))
+    assert searcher.suggest("t3") == "FINISHED"
 
 
 def test_unreachable_ray_address_is_a_config_error(tmp_path):

@@ -60,22 +60,21 @@ def test_outputs_exist(run):
     assert not list(out.rglob(".*.tmp"))
 
 
-def test_printed_front_is_a_line_a_trial_on_80_columns(run, monkeypatch):
+def test_printed_front_is_a_line_a_trial_on_80_columns(run):
     """The front the search prints: one line per trial on an 80-column console, the origin
     in short (the whole of it is in pareto.csv)."""
     from io import StringIO
 
     from rich.console import Console
 
-    import autohybrid.search.run as search_run
+    from autohybrid.search.console import print_front
 
     _, out, _ = run
     rows = json.loads((out / "pareto.json").read_text())
     rows.append({**rows[0], "trial": 99, "origin": "local move from trial 7: "
                  "blocks.4.1.se.conv_reduce -> L+S svd (10,) 0.736"})
     console = Console(width=80, record=True, file=StringIO())
-    monkeypatch.setattr(search_run, "console", console)
-    search_run._print_front(rows)
+    print_front(rows, out=console)
     body = [line for line in console.export_text().splitlines() if line.startswith("│")]
     assert len(body) == len(rows)
     assert "move from 7" in body[-1] and "conv_reduce" not in body[-1]

@@ -197,7 +197,7 @@ def test_local_search_resumes_with_the_moves_it_would_have_made(parts, tmp_path)
     def stop_in_local_phase(trial, study):
         if sum("local_of" in t.user_attrs for t in study.get_trials(
                 states=(TrialState.COMPLETE,))) == 2:
-            study.stop()
+            ss.stop()
 
     ss.on_trial = stop_in_local_phase
     ss.run()

@@ -1,35 +1,39 @@
 """``autohybrid search``: model -> sensitivity -> study -> Pareto front -> fine-tune -> export.
 
-Every stage writes into ``cfg.out`` and is skipped on a rerun when its output is there, so an
-interrupted search resumes where it stopped.
+Each stage is a function that reads and writes files in ``cfg.out``, so it can be rerun or
+called alone (``benchmarks/`` do): ``setup_search`` (statistics, sensitivity), ``run_study``
+(``study.db``), ``write_front`` (``allocations/``), ``finetune_front`` (``models/``),
+``write_pareto`` (``pareto.csv``) and ``write_search_report`` (``report.html``). Every stage
+skips what a rerun finds done, so an interrupted search resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import torch
-from rich.console import Console
 
 from autohybrid.allocation import Allocation
 from autohybrid.config import SearchConfig
 from autohybrid.cost import allocation_cost
-from autohybrid.exceptions import BudgetError
+from autohybrid.exceptions import BudgetError, ConfigError
 from autohybrid.inventory import inventory, model_input_size
 from autohybrid.io import atomic_path, atomic_write_text, remove_stale_temps
+from autohybrid.progress import console
+from autohybrid.search.console import TrialProgress, print_front
 from autohybrid.search.objective import Evaluator, score_with_bn_choice
 from autohybrid.search.params import LEVELS, MIN_SCALE, ParamSpace, group_layers
 from autohybrid.search.study import (
     SearchStudy,
     fit_meta,
+    origin,
     pareto_front,
     trial_layers,
-    within_budget,
 )
 from autohybrid.search.surrogate import Surrogate
 from autohybrid.search.warm_start import warm_starts
@@ -38,10 +42,8 @@ from autohybrid.sensitivity import sensitivity
 from autohybrid.stats import input_stats
 from autohybrid.storage import get_storage, mask_url
 
-__all__ = ["run_search", "smallest_fraction", "write_front"]
-
-console = Console(stderr=True)
-
+__all__ = ["run_search", "setup_search", "run_study", "write_front", "finetune_front",
+           "write_pareto", "load_model", "SearchSetup", "smallest_fraction"]
 
 def smallest_fraction(ps: ParamSpace) -> float:
     """The cheapest model the search space can build (every layer at its cheapest)."""
@@ -59,39 +61,53 @@ def smallest_fraction(ps: ParamSpace) -> float:
     return ps.fraction(layers)
 
 
-def _load(cfg: SearchConfig):
+@dataclass
+class SearchSetup:
+    """What the study stage starts from: the model, its data, the sensitivity table and
+    input statistics, the parameter space, the evaluator and the warm starts."""
+
+    cfg: SearchConfig
+    model: torch.nn.Module
+    size: tuple[int, int, int]
+    data: object  # DataBundle
+    inv: object  # Inventory
+    table: object  # SensitivityTable
+    stats: dict | None
+    ps: ParamSpace
+    evaluator: Evaluator
+    warm: dict
+    storage: optuna.storages.BaseStorage
+    study_name: str
+
+    @property
+    def identity(self) -> dict:
+        return {"name": self.cfg.model, "num_classes": self.inv.num_classes,
+                "input_size": list(self.size), "kwargs": dict(self.inv.model_kwargs)}
+
+
+def load_model(cfg: SearchConfig) -> tuple[torch.nn.Module, tuple[int, int, int]]:
+    """The dense model of ``cfg`` in eval mode, and its input size."""
     from autohybrid.models import create_model
 
-    if cfg.is_demo:
-        from autohybrid.config import DEMO_MODEL
-        from autohybrid.demo import DEMO_DATA, DEMO_INPUT, demo_checkpoint
-
-        console.print(f"[bold]demo[/]: {DEMO_MODEL} trained on scikit-learn digits "
-                      "(no --model given)")
-        cfg.model, cfg.checkpoint = DEMO_MODEL, str(demo_checkpoint())
-        cfg.data, cfg.input_size = DEMO_DATA, list(DEMO_INPUT)
-        cfg.calib = min(cfg.calib, 256)
-        if cfg.finetune_epochs == 1.0 and cfg.finetune_steps is None:
-            # digits is tiny: 15 epochs are ~165 steps. With weight-fitted layers every trial
-            # at 0.2 params sat near chance and this brought the best back to 94.7 % (dense
-            # 95.3 %); with data-fitted layers the trials start at 93.9-95.3 % and it takes
-            # the best to 96.9 %
-            cfg.finetune_epochs, cfg.finetune_lr, cfg.top_k = 15.0, 1e-3, min(cfg.top_k, 1)
+    if cfg.model is None:
+        raise ConfigError("no model to search: give --model and --checkpoint, or start from "
+                          "the built-in demo's config (autohybrid.demo.demo_config())")
     model = create_model(cfg.model, num_classes=cfg.num_classes, checkpoint=cfg.checkpoint,
                          **cfg.model_args).eval()
     size = tuple(cfg.input_size) if cfg.input_size else model_input_size(model)
     return model, size
 
 
-def run_search(cfg: SearchConfig) -> Path:
-    """The whole pipeline; returns the output folder."""
+def setup_search(cfg: SearchConfig) -> SearchSetup:
+    """Stage 1: model, data, input statistics (``sensitivity/stats-*.safetensors``) and the
+    sensitivity table (``sensitivity/``), the layer groups, the evaluator, the warm starts.
+    Checks that the budget is reachable before anything is computed."""
     from autohybrid.data import as_tensors, load_data
+    from autohybrid.report import write_sensitivity_report
 
-    t0 = time.time()
     cfg.validate()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says it all
     out = Path(cfg.out)
-    model, size = _load(cfg)
+    model, size = load_model(cfg)
     data = load_data(cfg.data, model, input_size=size)
     inv = inventory(model, size)
     space = load_search_space(cfg.model, cfg.search_space)
@@ -108,56 +124,68 @@ def run_search(cfg: SearchConfig) -> Path:
     cfg.save(out / "config.yaml")
     x, y = as_tensors(data.calibration(cfg.calib, seed=cfg.seed))
     fit = fit_meta(cfg)
+    layers = [la.name for la in space.compressible(inv)]
+    key = {"data": cfg.data, "seed": cfg.seed}
     stats = None
     if cfg.fit == "data":
-        console.rule(f"input statistics: {len(space.compressible(inv))} layers, "
-                     f"{len(x)} calibration images")
-        stats = input_stats(model, inv, [la.name for la in space.compressible(inv)], x,
-                            out_dir=out / "sensitivity",
-                            key_extra={"data": cfg.data, "seed": cfg.seed})
-
-    console.rule(f"sensitivity: {len(space.compressible(inv))} layers of {cfg.model}")
-    table = sensitivity(model, inv, space, x, y, out_dir=out / "sensitivity",
-                        key_extra={"data": cfg.data, "seed": cfg.seed},
+        console.rule(f"input statistics: {len(layers)} layers, {len(x)} calibration images")
+        stats = input_stats(model, inv, layers, x, out_dir=out / "sensitivity", key_extra=key)
+    console.rule(f"sensitivity: {len(layers)} layers of {cfg.model}")
+    table = sensitivity(model, inv, space, x, y, out_dir=out / "sensitivity", key_extra=key,
                         batch_size=cfg.batch_size, bn_recal=_recal(cfg.bn_recal),
                         recal_images=cfg.recal_images, stats=stats, fit=fit)
-    from autohybrid.report import write_sensitivity_report
-
-    write_sensitivity_report(table, out / "sensitivity", cfg.quality if cfg.quality == "kl"
-                             else "dloss")
+    write_sensitivity_report(table, out / "sensitivity",
+                             cfg.quality if cfg.quality == "kl" else "dloss")
     groups = group_layers(space, inv, table.df, cfg.max_groups, cfg.seed)
     ps = ParamSpace(space, inv, groups, cfg.metric)
     evaluator = Evaluator(model, inv, x, y, _trial_recal(cfg.bn_recal), cfg.recal_images,
                           cfg.batch_size, stats=stats, fit=fit, quality=cfg.quality)
-    identity = {"name": cfg.model, "num_classes": inv.num_classes,
-                "input_size": list(size), "kwargs": dict(inv.model_kwargs)}
-    study_name = cfg.study_name or f"{cfg.model}-{cfg.metric}-{cfg.budget:g}"
     warm = warm_starts(ps, table.df, model, cfg.budget, stats)
-    console.rule(f"search: study {study_name!r} in {mask_url(_storage_name(cfg, out))}, "
-                 f"{len(groups)} groups, {cfg.sampler}, {cfg.trials} trials")
+    study_name = cfg.study_name or f"{cfg.model}-{cfg.metric}-{cfg.budget:g}"
+    return SearchSetup(cfg, model, size, data, inv, table, stats, ps, evaluator, warm, storage,
+                       study_name)
+
+
+def run_study(setup: SearchSetup) -> optuna.Study:
+    """Stage 2: the study (``study.db`` or ``--storage``) to ``cfg.trials`` evaluated trials
+    within the budget, on the Optuna loop or on Ray Tune; resumes a stored study."""
+    cfg, out = setup.cfg, Path(setup.cfg.out)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress display says it all
+    console.rule(f"search: study {setup.study_name!r} in {mask_url(_storage_name(cfg, out))}, "
+                 f"{len(setup.ps.groups)} groups, {cfg.sampler}, {cfg.trials} trials")
+    surrogate = Surrogate(setup.table.df, setup.inv)
     if cfg.backend == "ray":
         from autohybrid.search.ray_backend import run_ray
 
-        study = run_ray(cfg, storage, study_name, ps, evaluator, Surrogate(table.df, inv),
-                        identity, warm)
-    else:
-        ss = SearchStudy(cfg, storage, study_name, ps, evaluator, Surrogate(table.df, inv),
-                         identity)
-        ss.open(warm)
-        with _progress(cfg) as on_trial:
-            ss.on_trial = on_trial
-            ss.run()
-        study = ss.study
+        return run_ray(cfg, setup.storage, setup.study_name, setup.ps, setup.evaluator,
+                       surrogate, setup.identity, setup.warm)
+    ss = SearchStudy(cfg, setup.storage, setup.study_name, setup.ps, setup.evaluator,
+                     surrogate, setup.identity)
+    ss.open(setup.warm)
+    with TrialProgress(cfg) as progress:
+        ss.on_trial = progress.update
+        ss.run()
+    return ss.study
+
+
+def run_search(cfg: SearchConfig) -> Path:
+    """The whole pipeline, stage by stage; returns the output folder. Each stage keeps what
+    it wrote, so a rerun resumes where an interrupted one stopped."""
+    from autohybrid.search.report import write_search_report
+
+    t0 = time.time()
+    out = Path(cfg.out)
+    setup = setup_search(cfg)
+    study = run_study(setup)
     front = write_front(study, out, cfg.budget)
     console.rule(f"fit and fine-tune the best {min(cfg.top_k, len(front))} of {len(front)} "
                  "Pareto trials")
-    rows = finetune_front(cfg, study, front, model, data, out, inv, evaluator)
-    _write_pareto_csv(rows, out)
-    from autohybrid.search.report import write_search_report
-
-    write_search_report(study, out, cfg, table, inv)
+    rows = finetune_front(cfg, study, front, setup.model, setup.data, out, setup.inv,
+                          setup.evaluator)
+    write_pareto(rows, out)
+    write_search_report(study, out, cfg, setup.table, setup.inv)
     console.print(f"done in {time.time() - t0:.0f} s: {out}/pareto.csv, {out}/report.html")
-    _print_front(rows)
+    print_front(rows)
     return out
 
 
@@ -172,36 +200,6 @@ def _trial_recal(v: str):
 
 def _storage_name(cfg, out):
     return cfg.storage or f"sqlite:///{out / 'study.db'}"
-
-
-class _progress:
-    """Rich progress: trials done, best quality so far at the budget, ETA."""
-
-    def __init__(self, cfg: SearchConfig):
-        self.cfg = cfg
-
-    def __enter__(self):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(TextColumn("[bold]trials"), BarColumn(), TextColumn("{task.completed}"
-                          f"/{self.cfg.trials}"), TextColumn("{task.description}"),
-                          TimeRemainingColumn(), console=console, transient=False)
-        self.p.__enter__()
-        self.task = self.p.add_task("", total=self.cfg.trials)
-        return self.update
-
-    def update(self, trial, study):
-        done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        feas = [t.values[0] for t in done if within_budget(t)]
-        best = f"best {self.cfg.quality} {min(feas):.4g}" if feas else ""
-        pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in
-                     study.get_trials(deepcopy=False))
-        over = len(done) - len(feas)
-        self.p.update(self.task, completed=min(len(feas), self.cfg.trials),
-                      description=f"{best}  screened {pruned}  over budget {over}")
-
-    def __exit__(self, *exc):
-        self.p.__exit__(*exc)
 
 
 def write_front(study: optuna.Study, out: Path, budget: float | None) -> list:
@@ -229,23 +227,6 @@ def write_front(study: optuna.Study, out: Path, budget: float | None) -> list:
         )
         alloc.save(out / "allocations" / f"trial-{t.number:04d}.yaml")
     return front
-
-
-ORIGIN_START, ORIGIN_MOVE = "warm start ", "local move from trial "
-
-
-def origin(t) -> str:
-    """Where a trial came from: a warm start, a local move (``search.local``), the sampler."""
-    if t.user_attrs.get("warm_start"):
-        return f"{ORIGIN_START}{t.user_attrs['warm_start']}"
-    if "local_of" in t.user_attrs:
-        return f"{ORIGIN_MOVE}{t.user_attrs['local_of']}: {t.user_attrs['local_move']}"
-    return "sampled"
-
-
-def short_origin(text: str) -> str:
-    """``origin(t)`` in a few words: the warm start's name, "sampled", or "move from N"."""
-    return text.split(":")[0].replace(ORIGIN_START, "").replace(ORIGIN_MOVE, "move from ")
 
 
 def finetune_front(cfg, study, front, model, data, out: Path, inv, evaluator=None) -> list[dict]:
@@ -324,7 +305,7 @@ def _finetune_export(cfg, small, model, data, alloc, out: Path, row: dict, test)
 
     ft = FinetuneConfig(epochs=cfg.finetune_epochs, steps=cfg.finetune_steps,
                         lr=cfg.finetune_lr, seed=cfg.seed,
-                        flip=not str(cfg.data).startswith("digits"))
+                        flip=data.mirror_invariant)
     ckpt = out / "finetune" / f"trial-{row['trial']:04d}"
     finetune(small, model, data.train, ft, checkpoint_dir=ckpt, progress=True)
     row["test_top1_after"] = evaluate(small, test, progress=False)["top1"]
@@ -340,32 +321,10 @@ def _stored(row: dict, fitted_key: str) -> dict:
     return {k: row[k] for k in keys if k in row}
 
 
-def _write_pareto_csv(rows: list[dict], out: Path) -> None:
+def write_pareto(rows: list[dict], out: Path) -> None:
+    """``pareto.csv`` and ``pareto.json``: the front as fitted, fine-tuned and tested."""
     with atomic_path(out / "pareto.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     atomic_write_text(out / "pareto.json", json.dumps(rows, indent=2))
 
 
-def _print_front(rows: list[dict]) -> None:
-    """The front as a table, a row a line on an 80-column console: short headers, and where a
-    trial came from in short (the warm start's name, "sampled", or the trial a local move
-    started from; pareto.csv has the whole origin)."""
-    from rich.table import Table
-
-    table = Table(title="Pareto front (within budget)",
-                  caption="top-1 %: calib = calibration set (as handed on: refit, BN "
-                          "chosen); before / after = test split, before / after fine-tuning")
-    for col in ("trial", "params", "MACs", "calib", "before", "after", "from"):
-        table.add_column(col, no_wrap=True, justify="left" if col == "from" else "right")
-
-    def pct(v) -> str:  # "-": not measured (not fine-tuned: only the top --top-k are)
-        return "-" if v is None or v != v else f"{v:.2f}"
-
-    for r in rows:
-        table.add_row(
-            str(r["trial"]), f"{r['params_fraction']:.3f}", f"{r['macs_fraction']:.3f}",
-            pct(r.get("top1_calibration_fitted", r.get("top1_calibration"))),
-            pct(r.get("test_top1_before")),
-            pct(r.get("test_top1_after")), short_origin(r.get("origin", "")),
-        )
-    console.print(table)

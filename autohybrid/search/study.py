@@ -1,5 +1,11 @@
 """The Optuna study: two objectives (quality on calibration, cost fraction), a hard budget
 constraint, warm starts, surrogate screening, resume and many workers on one storage.
+
+Trials go through it as ask / tell (Optuna's ``Study.ask()`` / ``Study.tell()``):
+``SearchStudy.ask()`` opens the next trial, ``prepare(trial)`` decides its allocation (or
+settles it: over the budget, screened by the surrogate), whoever scores it (``run`` here, a
+Ray trainable in ``search.ray_backend``) hands the scores to ``record``. ``finished`` is the one
+stop rule and ``recover`` the one recovery of dead trials, for every backend.
 """
 
 from __future__ import annotations
@@ -7,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,8 +32,8 @@ from autohybrid.search.params import ParamSpace
 from autohybrid.search.surrogate import Surrogate
 from autohybrid.spec import LayerSpec
 
-__all__ = ["SearchStudy", "TrialSeededSampler", "pareto_front", "trial_layers", "make_sampler",
-           "STUDY_KEYS"]
+__all__ = ["SearchStudy", "Ready", "Settled", "TrialSeededSampler", "pareto_front",
+           "trial_layers", "make_sampler", "within_budget", "origin", "STUDY_KEYS"]
 
 STUDY_KEYS = ("fingerprint", "budget", "metric", "space", "quality", "groups", "calib", "seed",
               "fit")
@@ -35,7 +42,8 @@ SCREEN_FACTOR = 2.0
 MAX_SCREENED_IN_A_ROW = 3
 
 
-def make_sampler(cfg: SearchConfig) -> TrialSeededSampler:
+def make_sampler(cfg: SearchConfig, storage: optuna.storages.BaseStorage
+                 ) -> TrialSeededSampler:
     """The samplers read the budget constraint each trial sets (``Trial.set_constraint``)."""
 
     def build(seed: int) -> optuna.samplers.BaseSampler:
@@ -45,7 +53,7 @@ def make_sampler(cfg: SearchConfig) -> TrialSeededSampler:
             return optuna.samplers.GPSampler(seed=seed)
         return optuna.samplers.NSGAIISampler(population_size=cfg.population, seed=seed)
 
-    return TrialSeededSampler(build, cfg.seed)
+    return TrialSeededSampler(build, cfg.seed, storage)
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
@@ -65,20 +73,23 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     INDEX_KEY = "autohybrid:draw_index"
 
-    def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler], seed: int):
-        self._build, self._seed = build, seed
-        self._samplers: dict[int, optuna.samplers.BaseSampler] = {}  # trial id -> sampler
+    def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler], seed: int,
+                 storage: optuna.storages.BaseStorage):
+        self._build, self._seed, self._storage = build, seed, storage
+        self._samplers: dict[int, optuna.samplers.BaseSampler] = {}  # trial number -> sampler
 
     def _for(self, study: optuna.Study, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
-        if trial._trial_id not in self._samplers:
+        if trial.number not in self._samplers:
             index = trial.system_attrs.get(self.INDEX_KEY)
             if index is None:
                 earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number]
                 index = sum(not _is_retry(t) for t in earlier)
-                study._storage.set_trial_system_attr(trial._trial_id, self.INDEX_KEY, index)
+                self._storage.set_trial_system_attr(
+                    trial_id(self._storage, study.study_name, trial.number), self.INDEX_KEY,
+                    index)
             seed = np.random.SeedSequence([self._seed, index]).generate_state(1)[0]
-            self._samplers[trial._trial_id] = self._build(int(seed))
-        return self._samplers[trial._trial_id]
+            self._samplers[trial.number] = self._build(int(seed))
+        return self._samplers[trial.number]
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self._for(study, trial).before_trial(study, trial)
@@ -95,7 +106,13 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     def after_trial(self, study, trial, state, values) -> None:
         self._for(study, trial).after_trial(study, trial, state, values)
-        self._samplers.pop(trial._trial_id, None)
+        self._samplers.pop(trial.number, None)
+
+
+def trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:
+    """The storage's id of trial ``number``, by the storage's public lookups."""
+    study_id = storage.get_study_id_from_name(study_name)
+    return storage.get_trial_id_from_study_id_trial_number(study_id, number)
 
 
 def _is_retry(t: FrozenTrial) -> bool:
@@ -115,9 +132,21 @@ def trial_layers(trial: FrozenTrial) -> dict[str, LayerSpec]:
 
 
 def within_budget(t: FrozenTrial) -> bool:
-    """An evaluated trial within the budget (infeasible ones are told COMPLETE with a positive
-    constraint): what ``--trials`` counts on either backend, and what fronts are made of."""
+    """An evaluated trial within the budget (over-budget ones are pruned, unevaluated, with a
+    positive constraint): what ``--trials`` counts on either backend, and fronts are made of."""
     return t.state == TrialState.COMPLETE and t.user_attrs.get("constraint", 1) <= 0
+
+
+ORIGIN_START, ORIGIN_MOVE = "warm start ", "local move from trial "
+
+
+def origin(t) -> str:
+    """Where a trial came from: a warm start, a local move (``search.local``), the sampler."""
+    if t.user_attrs.get("warm_start"):
+        return f"{ORIGIN_START}{t.user_attrs['warm_start']}"
+    if "local_of" in t.user_attrs:
+        return f"{ORIGIN_MOVE}{t.user_attrs['local_of']}: {t.user_attrs['local_move']}"
+    return "sampled"
 
 
 def pareto_front(trials: list[FrozenTrial], budget: float | None = None) -> list[FrozenTrial]:
@@ -132,7 +161,27 @@ def pareto_front(trials: list[FrozenTrial], budget: float | None = None) -> list
 
 
 @dataclass
+class Ready:
+    """A prepared trial to score: its allocation and cost fraction."""
+
+    number: int
+    layers: dict[str, LayerSpec]
+    fraction: float
+
+
+@dataclass
+class Settled:
+    """A prepared trial decided without scoring: over the budget, or screened by the
+    surrogate. Told PRUNED, with no objective values (the constraint says why)."""
+
+    number: int
+    reason: str
+
+
+@dataclass
 class SearchStudy:
+    """One search's Optuna study, as ask / prepare / record (see the module docstring)."""
+
     cfg: SearchConfig
     storage: optuna.storages.BaseStorage
     study_name: str
@@ -144,6 +193,17 @@ class SearchStudy:
     study: optuna.Study | None = None
     leader: bool = False
     _screened_in_a_row: int = field(default=0, repr=False)
+    _stop: bool = field(default=False, repr=False)
+
+    # -- pickling (a Ray searcher carries the study to a restored experiment) ----------------
+    def __getstate__(self) -> dict:
+        drop = ("study", "evaluator", "on_trial")
+        return {k: v for k, v in self.__dict__.items() if k not in drop}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, evaluator=None, on_trial=None)
+        self.study = optuna.load_study(study_name=self.study_name, storage=self.storage,
+                                       sampler=make_sampler(self.cfg, self.storage))
 
     # -- study ----------------------------------------------------------------------------
     def attrs(self) -> dict:
@@ -155,8 +215,12 @@ class SearchStudy:
             "data": self.cfg.data,
         }
 
-    def open(self, warm: dict[str, dict[str, LayerSpec]] | None = None) -> optuna.Study:
-        sampler = make_sampler(self.cfg)
+    def open(self, warm: dict[str, dict[str, LayerSpec]] | None = None,
+             recover: bool = True) -> optuna.Study:
+        """Create or join the study; the leader stores the settings and enqueues the warm
+        starts, a joiner checks its settings against them. ``recover=False`` leaves dead
+        trials alone for now (a restored Ray experiment reruns some of them itself)."""
+        sampler = make_sampler(self.cfg, self.storage)
         try:
             study = optuna.create_study(
                 storage=self.storage, study_name=self.study_name, sampler=sampler,
@@ -191,19 +255,22 @@ class SearchStudy:
                     "--study-name / --out"
                 )
         self.study = study
-        self._recover_dead_local_trials()
+        if recover:
+            self.recover()
         return study
 
-    def _recover_dead_local_trials(self) -> None:
-        """RUNNING trials started on this host by a process that no longer exists (SIGKILL):
-        fail them and enqueue their parameters again, at once, without waiting for the
-        heartbeat grace period (journal storages have no heartbeat at all)."""
+    def recover(self, keep: frozenset[int] = frozenset()) -> None:
+        """RUNNING trials started on this host by a process that no longer exists (SIGKILL),
+        except those numbered in ``keep``: fail them and enqueue their parameters again, at
+        once, without waiting for the heartbeat grace period (journal storages have no
+        heartbeat at all)."""
         host = socket.gethostname()
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if t.user_attrs.get("host") != host or pid_alive(t.user_attrs.get("pid", -1)):
+            if (t.number in keep or t.user_attrs.get("host") != host
+                    or pid_alive(t.user_attrs.get("pid", -1))):
                 continue
             try:
-                self.storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                self.storage.set_trial_state_values(self._id(t.number), TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker recovered it first
             _requeue(self.study, t)
@@ -215,8 +282,30 @@ class SearchStudy:
         """Evaluated trials within the budget: what ``--trials`` counts."""
         return [t for t in self.completed() if within_budget(t)]
 
-    # -- one trial ------------------------------------------------------------------------
-    def objective(self, trial: optuna.Trial) -> tuple[float, float]:
+    def counts(self) -> tuple[int, int]:
+        """(evaluated trials within the budget, all trials)."""
+        trials = self.study.get_trials(deepcopy=False)
+        return sum(map(within_budget, trials)), len(trials)
+
+    def finished(self, running: int = 0) -> bool:
+        """The stop rule of every backend: ``cfg.trials`` evaluated within the budget, or so
+        many trials that nearly all of them must be failing (5x the total + 20). With
+        ``running`` trials in flight that may still reach the total, it is reached early."""
+        feasible, total = self.counts()
+        return feasible + running >= self.cfg.trials or total >= 5 * self.cfg.trials + 20
+
+    # -- one trial: ask, prepare, record ----------------------------------------------------
+    def ask(self) -> optuna.Trial:
+        """The next trial: a local move around the best one once the sampled trials are done
+        (enqueued first), else a warm start, a rerun of a dead trial or a sampled one."""
+        self.enqueue_local_move()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Heartbeat of storage")  # ask() on an RDB
+            return self.study.ask()
+
+    def prepare(self, trial: optuna.Trial) -> Ready | Settled:
+        """Decide the trial's allocation and its cost (user attrs, the budget constraint).
+        Cheap and driver-side; a trial that needs no scoring comes back ``Settled``."""
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         params = self.ps.suggest(trial)
@@ -235,23 +324,57 @@ class SearchStudy:
         trial.set_constraint("budget", frac - self.cfg.budget)
         if frac > self.cfg.budget:  # cannot be made to fit: infeasible, never evaluated
             trial.set_user_attr("infeasible", True)
-            return 1e9, frac
+            return Settled(trial.number, "over the budget")
         if self.surrogate is not None:
             additive, predicted = self.surrogate.predict(layers, frac)
             trial.set_user_attr("predicted_additive", additive)
             trial.set_user_attr("predicted", predicted)
             if fixed is None and self._screen(predicted, frac):
                 trial.set_user_attr("screened", True)
-                raise optuna.TrialPruned("surrogate predicts a dominated allocation")
+                return Settled(trial.number, "surrogate predicts a dominated allocation")
         self._screened_in_a_row = 0
-        try:
-            scores = self.evaluator.score(layers)
-        except NumericalError as e:
-            trial.set_user_attr("fail_reason", str(e))
-            raise
-        for k, v in scores.items():
-            trial.set_user_attr(k, v)
-        return scores[self.cfg.quality], frac
+        return Ready(trial.number, layers, frac)
+
+    def record(self, number: int, scores: dict | None = None, fail_reason: str | None = None,
+               attrs: dict | None = None) -> None:
+        """Tell trial ``number``: COMPLETE with ``scores`` (every score goes into its user
+        attrs), FAIL with ``fail_reason``, or PRUNED when neither (a ``Settled`` trial).
+        A rerun of a trial failed meanwhile (an errored Ray trial restored by ``--resume``)
+        is recorded as a new trial (``retry_of``)."""
+        trial = self._frozen(number)
+        attrs = {**(attrs or {}), **(scores or {})}
+        if fail_reason is not None:
+            attrs["fail_reason"] = fail_reason
+        state = (TrialState.FAIL if fail_reason is not None
+                 else TrialState.COMPLETE if scores is not None else TrialState.PRUNED)
+        values = None
+        if state == TrialState.COMPLETE:
+            values = [scores[self.cfg.quality], trial.user_attrs[f"{self.cfg.metric}_fraction"]]
+        if trial.state == TrialState.RUNNING:
+            tid = self._id(number)
+            for k, v in attrs.items():
+                self.storage.set_trial_user_attr(tid, k, v)
+            self.study.tell(number, values, state=state)
+        elif trial.state == TrialState.FAIL and state == TrialState.COMPLETE:
+            self.study.add_trial(optuna.trial.create_trial(
+                state=state, values=values, params=trial.params,
+                distributions=trial.distributions,
+                user_attrs={**trial.user_attrs, **attrs, "retry_of": number},
+                system_attrs={k: v for k, v in trial.system_attrs.items()
+                              if k.startswith("constraints")},  # Trial.set_constraint's
+            ))
+        else:
+            return  # finished already (another worker recovered it)
+        if state == TrialState.COMPLETE:
+            self.refit_surrogate()
+        if self.on_trial:
+            self.on_trial(self._frozen(number), self.study)
+
+    def _frozen(self, number: int) -> FrozenTrial:
+        return self.study.get_trials(deepcopy=False)[number]
+
+    def _id(self, number: int) -> int:
+        return trial_id(self.storage, self.study_name, number)
 
     # -- local search ---------------------------------------------------------------------
     def local_trials(self) -> int:
@@ -325,25 +448,80 @@ class SearchStudy:
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> optuna.Study:
-        target = self.cfg.trials
-
-        def callback(study: optuna.Study, trial: FrozenTrial) -> None:
-            if trial.state == TrialState.COMPLETE:
-                self.refit_surrogate()
-            if self.on_trial:
-                self.on_trial(trial, study)
-            states = study.get_trials(deepcopy=False)
-            if len(self.feasible()) >= target or len(states) >= 5 * target + 20:
-                study.stop()
-            else:
-                self.enqueue_local_move()
-
-        if len(self.feasible()) < target:
-            self.refit_surrogate()
-            self.enqueue_local_move()
-            self.study.optimize(self.objective, callbacks=[callback], catch=(NumericalError,),
-                                gc_after_trial=False)
+        """Ask, prepare, score with ``self.evaluator``, record, until ``finished``. A trial
+        interrupted here (Ctrl-C, an error) is failed and enqueued again before the
+        exception goes on, so a rerun continues with it."""
+        self.refit_surrogate()
+        self._stop = False
+        with _Heartbeat(self.storage) as heartbeat:
+            while not self._stop and not self.finished():
+                if isinstance(self.storage, optuna.storages.RDBStorage):
+                    with warnings.catch_warnings():  # stable since Optuna 2.9, still marked
+                        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                        optuna.storages.fail_stale_trials(self.study)
+                trial = self.ask()
+                try:
+                    heartbeat.beat(self._id(trial.number))
+                    ready = self.prepare(trial)
+                    if isinstance(ready, Settled):
+                        self.record(trial.number)
+                        continue
+                    try:
+                        scores = self.evaluator.score(ready.layers)
+                    except NumericalError as e:
+                        self.record(trial.number, fail_reason=str(e))
+                        continue
+                    self.record(trial.number, scores)
+                except BaseException:
+                    self._abandon(trial.number)
+                    raise
+                finally:
+                    heartbeat.beat(None)
         return self.study
+
+    def stop(self) -> None:
+        """End ``run`` after the trial in progress (as ``Study.stop`` ends ``optimize``)."""
+        self._stop = True
+
+    def _abandon(self, number: int) -> None:
+        t = self._frozen(number)
+        if t.state == TrialState.RUNNING:
+            self.storage.set_trial_state_values(self._id(number), TrialState.FAIL)
+            _requeue(self.study, t)
+
+
+class _Heartbeat:
+    """What ``Study.optimize`` does for RDB storages with a heartbeat, on the public storage
+    API: the running trial's heartbeat every interval, so a worker on another host that dies
+    mid-trial is failed (and retried) by the others after the grace period."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage):
+        interval = (storage.get_heartbeat_interval()
+                    if isinstance(storage, optuna.storages.RDBStorage) else None)
+        self.storage, self.interval, self.current = storage, interval, None
+        self._stop = threading.Event()
+
+    def __enter__(self) -> _Heartbeat:
+        if self.interval:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+        return self
+
+    def beat(self, tid: int | None) -> None:
+        self.current = tid
+        if tid is not None and self.interval:
+            self.storage.record_heartbeat(tid)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.current is not None:
+                try:
+                    self.storage.record_heartbeat(self.current)
+                except Exception:  # noqa: BLE001 - a missed beat only delays recovery
+                    pass
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
 
 
 def _requeue(study: optuna.Study, t: FrozenTrial) -> None:
@@ -355,9 +533,11 @@ def _requeue(study: optuna.Study, t: FrozenTrial) -> None:
     attrs = {k: v for k, v in t.user_attrs.items()
              if k in ("warm_start", "allocation") or k.startswith("local_")}
     attrs["retry_of"] = t.number
+    system = {k: v for k, v in t.system_attrs.items()
+              if not k.startswith("constraints")}  # the rerun sets its own
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.WAITING, user_attrs=attrs,
-        system_attrs={**t.system_attrs,
+        system_attrs={**system,
                       "fixed_params": {**t.system_attrs.get("fixed_params", {}), **t.params}},
     ))
 
@@ -373,8 +553,3 @@ def _load(text: str) -> dict[str, LayerSpec]:
 def _short(v) -> str:
     s = json.dumps(v) if not isinstance(v, str) else v
     return s if len(s) < 60 else s[:57] + "..."
-
-
-def best_feasible_quality(trials: list[FrozenTrial]) -> float | None:
-    vals = [t.values[0] for t in trials if within_budget(t) and t.values]
-    return float(np.min(vals)) if vals else None

@@ -1,0 +1,112 @@
+"""What the search shows while it runs: the trials done, the best quality at the budget, the
+ETA; on a terminal as a live rich display, in a log as a line per trial."""
+
+from __future__ import annotations
+
+import threading
+
+import optuna
+from optuna.trial import TrialState
+
+from autohybrid.config import SearchConfig
+from autohybrid.progress import console, interactive
+from autohybrid.search.study import ORIGIN_MOVE, ORIGIN_START
+
+__all__ = ["TrialProgress", "print_front"]
+
+
+class TrialProgress:
+    """``with TrialProgress(cfg) as p:`` then ``p.update(trial, study)`` after each trial
+    (the Optuna loop's ``on_trial``), or ``p.refresh(study)`` from a thread that polls."""
+
+    def __init__(self, cfg: SearchConfig):
+        self.cfg = cfg
+        self.live = interactive()
+        self._seen: set[int] = set()
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> TrialProgress:
+        if self.live:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.p = Progress(TextColumn("[bold]trials"), BarColumn(),
+                              TextColumn("{task.completed}" f"/{self.cfg.trials}"),
+                              TextColumn("{task.description}"), TimeRemainingColumn(),
+                              console=console, transient=False)
+            self.p.__enter__()
+            self.task = self.p.add_task("", total=self.cfg.trials)
+        return self
+
+    def update(self, trial, study: optuna.Study) -> None:
+        self.refresh(study)
+
+    def refresh(self, study: optuna.Study) -> None:
+        with self._lock:
+            trials = study.get_trials(deepcopy=False)
+            feas = [t.values[0] for t in trials if t.state == TrialState.COMPLETE
+                    and t.user_attrs.get("constraint", 1) <= 0]
+            best = f"best {self.cfg.quality} {min(feas):.4g}" if feas else ""
+            screened = sum(bool(t.user_attrs.get("screened")) for t in trials)
+            over = sum(bool(t.user_attrs.get("infeasible")) for t in trials)
+            failed = sum(t.state == TrialState.FAIL for t in trials)
+            summary = f"{best}  screened {screened}  over budget {over}"
+            if failed:
+                summary += f"  failed {failed}"
+            if self.live:
+                self.p.update(self.task, completed=min(len(feas), self.cfg.trials),
+                              description=summary)
+                return
+            for t in trials:  # a line per newly finished trial
+                if t.state.is_finished() and t.number not in self._seen:
+                    self._seen.add(t.number)
+                    console.print(f"trial {t.number}: {_outcome(t, self.cfg)}; "
+                                  f"{min(len(feas), self.cfg.trials)}/{self.cfg.trials} "
+                                  f"within budget; {summary.strip()}", highlight=False)
+
+    def __exit__(self, *exc) -> None:
+        if self.live:
+            self.p.__exit__(*exc)
+
+
+def _outcome(t, cfg: SearchConfig) -> str:
+    if t.state == TrialState.COMPLETE:
+        return f"{cfg.quality} {t.values[0]:.4g}, {cfg.metric} {t.values[1]:.3f}"
+    if t.user_attrs.get("infeasible"):
+        return "over the budget, not evaluated"
+    if t.user_attrs.get("screened"):
+        return "screened by the surrogate"
+    if t.state == TrialState.FAIL:
+        return f"failed ({t.user_attrs.get('fail_reason', 'error')})"
+    return t.state.name.lower()
+
+
+def _short_origin(text: str) -> str:
+    """A trial's origin (``search.run.origin``) in a few words: the warm start's name,
+    "sampled", or "move from N"."""
+    return text.split(":")[0].replace(ORIGIN_START, "").replace(ORIGIN_MOVE, "move from ")
+
+
+def print_front(rows: list[dict], out=None) -> None:
+    """The front as a table, a row a line on an 80-column console: short headers, and where a
+    trial came from in short (the warm start's name, "sampled", or the trial a local move
+    started from; pareto.csv has the whole origin). ``out``: a rich console (default
+    stderr's)."""
+    from rich.table import Table
+
+    table = Table(title="Pareto front (within budget)",
+                  caption="top-1 %: calib = calibration set (as handed on: refit, BN "
+                          "chosen); before / after = test split, before / after fine-tuning")
+    for col in ("trial", "params", "MACs", "calib", "before", "after", "from"):
+        table.add_column(col, no_wrap=True, justify="left" if col == "from" else "right")
+
+    def pct(v) -> str:  # "-": not measured (not fine-tuned: only the top --top-k are)
+        return "-" if v is None or v != v else f"{v:.2f}"
+
+    for r in rows:
+        table.add_row(
+            str(r["trial"]), f"{r['params_fraction']:.3f}", f"{r['macs_fraction']:.3f}",
+            pct(r.get("top1_calibration_fitted", r.get("top1_calibration"))),
+            pct(r.get("test_top1_before")),
+            pct(r.get("test_top1_after")), _short_origin(r.get("origin", "")),
+        )
+    (out or console).print(table)
