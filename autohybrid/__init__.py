@@ -10,7 +10,7 @@ from autohybrid.cost import allocation_cost, cost, layer_cost
 from autohybrid.exceptions import AutohybridError
 from autohybrid.export import export, export_onnx, load
 from autohybrid.inventory import Inventory, LayerInfo, inventory
-from autohybrid.methods import METHODS, get_method, register
+from autohybrid.methods import METHODS, applicable_methods, get_method, register
 from autohybrid.spec import LayerSpec
 
 __version__ = "0.1.0"
@@ -32,5 +32,6 @@ __all__ = [
     "layer_cost",
     "load",
     "register",
+    "applicable_methods",
     "skeleton",
 ]

@@ -13,11 +13,19 @@ from pathlib import Path
 
 import yaml
 
+from autohybrid.bisect import largest
 from autohybrid.cost import ModelCost, allocation_cost, normalize_metric
 from autohybrid.exceptions import AllocationError, BudgetError, MethodError
 from autohybrid.inventory import Inventory, LayerInfo
 from autohybrid.io import atomic_write_text
-from autohybrid.methods import HYBRID, LOWRANK, METHODS, default_factorization, get_method
+from autohybrid.methods import (
+    HYBRID,
+    LOWRANK,
+    METHODS,
+    default_factorization,
+    get_method,
+    spec_at,
+)
 from autohybrid.spec import LayerSpec
 
 __all__ = ["Allocation", "LayerSpec", "ALLOCATION_VERSION"]
@@ -63,7 +71,8 @@ class Allocation:
 
         Each layer keeps the same fraction ``x`` of its dense parameters: ``sparse`` keeps a
         density ``x``; a low-rank method picks the largest rank(s) within ``x``;
-        ``lowrank+sparse`` gives ``sparse_share`` of it to the sparse residual. ``x`` is
+        ``lowrank+sparse`` gives ``1 - sparse_share`` of it to the low-rank part and the rest (at
+        least ``sparse_share`` of it, as ranks round down) to the sparse residual. ``x`` is
         binary-searched so the model lands at or just under ``budget`` of ``metric``.
         ``method`` may be ``lowrank`` (the preferred factorization per layer kind) or a
         low-rank method name, which falls back to the preferred one where it does not apply.
@@ -230,38 +239,20 @@ def search_level(
             f"budget {budget} of {metric} cannot be reached: the smallest reachable fraction "
             f"with this method is {frac:.3f}; raise the budget or allow more methods"
         )
-    best, x_lo, x_hi = layers, lo, 1.0
-    for _ in range(30):
-        mid = (x_lo + x_hi) / 2
-        layers, frac = at(mid)
-        if frac <= budget:
-            best, x_lo = layers, mid
-        else:
-            x_hi = mid
-    top, frac = at(1.0)
-    if frac <= budget:
-        best, x_lo = top, 1.0
-    return best, x_lo
+    x = largest(lambda v: at(v)[1] <= budget, lo, 1.0)
+    return at(x)[0], x
 
 
 def rank_for_params(layer: LayerInfo, factorization: str, target: float) -> tuple[int, ...]:
-    """The largest rank (every rank at one ratio) whose factors hold <= ``target`` params."""
-    lr = METHODS[factorization]
-    lo, hi = 0.0, 1.0
-    best = lr.rank_for_ratio(layer, 0.0)
-    for _ in range(20):
-        mid = (lo + hi) / 2
-        rank = lr.rank_for_ratio(layer, mid)
-        if lr.lowrank_params(layer, rank) <= target:
-            best, lo = rank, mid
-        else:
-            hi = mid
-    return best
+    """The largest rank (every rank at one ratio) whose factors hold <= ``target`` params
+    (``LowRankMethod.rank_for_params``)."""
+    return METHODS[factorization].rank_for_params(layer, target)
 
 
 def _uniform_builder(method: str, sparse_share: float, factorization: str | None) -> Builder:
-    def sparse(layer: LayerInfo, density: float) -> LayerSpec:
-        return LayerSpec("sparse", sparsity=min(max(1.0 - density, 0.0), 0.9999))
+    """``x`` -> the layer's spec at keep level ``x`` (``methods.spec_at``); a low-rank
+    ``method`` (or ``lowrank``) takes the preferred factorization where it does not apply,
+    and a layer no factorization applies to stays dense."""
 
     def lowrank_name(layer: LayerInfo) -> str | None:
         want = factorization or (method if method in METHODS and METHODS[method].lowrank else None)
@@ -270,19 +261,11 @@ def _uniform_builder(method: str, sparse_share: float, factorization: str | None
         return default_factorization(layer)
 
     def build(layer: LayerInfo, x: float) -> LayerSpec:
-        if method == "dense":
-            return LayerSpec()
-        if method == "sparse":
-            return sparse(layer, x)
+        if method in ("dense", "sparse"):
+            return spec_at(layer, method, x)
         f = lowrank_name(layer)
         if method == HYBRID:
-            if f is None:
-                return sparse(layer, x)
-            rank = rank_for_params(layer, f, (1 - sparse_share) * x * layer.weight_numel)
-            s = min(max(1.0 - sparse_share * x, 0.0), 0.9999)
-            return LayerSpec(HYBRID, factorization=f, rank=rank, sparsity=s)
-        if f is None:
-            return LayerSpec()
-        return LayerSpec(f, rank=rank_for_params(layer, f, x * layer.weight_numel))
+            return spec_at(layer, HYBRID, x, sparse_share, factorization=f)
+        return spec_at(layer, f, x) if f is not None else LayerSpec()
 
     return build

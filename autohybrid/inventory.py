@@ -78,13 +78,6 @@ class LayerInfo:
         """Dense multiply-accumulates per sample (bias adds are not counted, as torch does)."""
         return self.weight_numel * self.positions
 
-    @property
-    def methods(self) -> tuple[str, ...]:
-        """Names of the registered methods that apply to this layer."""
-        from autohybrid.methods import applicable_methods
-
-        return applicable_methods(self)
-
     def structure(self) -> dict:
         """The fields that identify the layer's structure (what the fingerprint hashes)."""
         d = asdict(self)
@@ -133,16 +126,18 @@ class Inventory(Sequence):
     def total(self, metric: str) -> int:
         return self.total_params if metric == "params" else self.total_macs
 
-    def table(self) -> str:
-        """Plain-text table of the layers, for the CLI."""
+    def table(self, methods=None) -> str:
+        """Plain-text table of the layers, for the CLI; ``methods(layer)`` names what applies
+        to each (the method registry's ``applicable_methods``)."""
         head = f"{'layer':<40} {'kind':<10} {'weight':<20} {'params':>10} {'MACs':>12}  methods"
         rows = [head, "-" * len(head)]
         for layer in self.layers:
-            methods = "(excluded)" if layer.excluded else ", ".join(layer.methods)
+            names = methods(layer) if methods is not None else ()
+            methods_col = "(excluded)" if layer.excluded else ", ".join(names)
             shape = "x".join(str(s) for s in layer.weight_shape)
             rows.append(
                 f"{layer.name:<40} {layer.kind:<10} {shape:<20} {layer.params:>10,} "
-                f"{layer.macs:>12,}  {methods}"
+                f"{layer.macs:>12,}  {methods_col}"
             )
         rows.append(
             f"model {self.model_name or '?'} at input {self.input_size}: "

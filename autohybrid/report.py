@@ -22,19 +22,12 @@ __all__ = [
     "html_page", "svg",
 ]
 
-METHOD_COLORS = {
-    "sparse": "#1f77b4", "svd": "#ff7f0e", "tucker2": "#2ca02c", "cp": "#9467bd",
-    "tt": "#8c564b", "lowrank+sparse": "#d62728", "dense": "#7f7f7f",
-}
-
-
 def candidate_label(row) -> str:
-    if row["method"] == "sparse":
-        pat = "" if row["pattern"] == "unstructured" else f" {row['pattern']}"
-        return f"sparse {row['sparsity']:.2f}{pat}"
-    if row["method"] == "lowrank+sparse":
-        return f"{row['factorization']}+S r{row['rank']} s{row['sparsity']:.2f}"
-    return f"{row['method']} r{row['rank']}"
+    """A sensitivity table row's candidate in a few words (its method's ``label``)."""
+    from autohybrid.methods import label
+    from autohybrid.sensitivity import spec_from_row
+
+    return label(spec_from_row(row))
 
 
 def _short(name: str, width: int = 28) -> str:
@@ -67,6 +60,8 @@ def sensitivity_heatmap(df: pd.DataFrame, signal: str = "kl"):
 
 
 def sensitivity_curves(df: pd.DataFrame, signal: str = "kl", max_layers: int = 12):
+    from autohybrid.methods import color
+
     """Per layer: ``signal`` against the fraction of the layer's parameters kept, per method."""
     layers = list(dict.fromkeys(df.layer))
     if len(layers) > max_layers:  # the most sensitive ones, so the plot stays readable
@@ -80,7 +75,7 @@ def sensitivity_curves(df: pd.DataFrame, signal: str = "kl", max_layers: int = 1
         kept = d.params / (d.params + d.params_saved)
         for method, g in d.assign(kept=kept).groupby("method"):
             g = g.sort_values("kept")
-            ax.plot(g.kept, g[signal], "o-", ms=3, label=method, color=METHOD_COLORS.get(method))
+            ax.plot(g.kept, g[signal], "o-", ms=3, label=method, color=color(method))
         ax.set_title(_short(name, 34), fontsize=8)
         ax.set_xlabel("params kept", fontsize=7)
         ax.set_ylabel(signal, fontsize=7)

@@ -18,20 +18,12 @@ import yaml
 from autohybrid.config import check_keys
 from autohybrid.exceptions import ConfigError, MethodError
 from autohybrid.inventory import KINDS, Inventory, LayerInfo
-from autohybrid.methods import HYBRID, METHODS, LowRankMethod
+from autohybrid.methods import HYBRID, METHODS, LowRankMethod, round_rank
 from autohybrid.spec import LayerSpec
 
 __all__ = ["SearchSpace", "load_search_space", "SEARCH_SPACE_DIR", "round_rank"]
 
 SEARCH_SPACE_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
-
-
-def round_rank(rank: int, multiple: int, full: int) -> int:
-    """Round ``rank`` to a multiple (hardware-friendly), within [1, full]."""
-    if multiple <= 1:
-        return max(1, min(full, rank))
-    r = max(multiple, int(round(rank / multiple)) * multiple)
-    return min(full, r)
 
 
 @dataclass
@@ -128,35 +120,13 @@ class SearchSpace:
                 out.append(layer)
         return out
 
-    def _rank(self, method: LowRankMethod, layer: LayerInfo, ratio: float) -> tuple[int, ...]:
-        full = method.max_rank(layer)
-        return tuple(round_rank(round(ratio * m), self.rank_multiple, m) for m in full)
-
     def candidates(self, layer: LayerInfo) -> list[LayerSpec]:
-        """Every candidate spec for ``layer`` (dense excluded), duplicates removed."""
+        """Every candidate spec for ``layer`` (dense excluded), duplicates removed: each
+        method's ``grid`` of this space."""
         out: list[LayerSpec] = []
         for name in self.methods.get(layer.kind, []):
-            m = METHODS[name]
-            if not m.applies_to(layer):
-                continue
-            if name == "sparse":
-                out += [LayerSpec("sparse", sparsity=s) for s in self.sparsities]
-                for pat in self.nm_patterns:
-                    n, mm = (int(v) for v in pat.split(":"))
-                    out.append(LayerSpec("sparse", sparsity=1 - n / mm, pattern=pat))
-            elif isinstance(m, LowRankMethod):
-                out += [LayerSpec(name, rank=self._rank(m, layer, r)) for r in self.rank_ratios]
-            elif name == HYBRID:
-                f = self.factorizations.get(layer.kind)
-                if f is None or not METHODS[f].applies_to(layer):
-                    continue
-                lr = METHODS[f]
-                out += [
-                    LayerSpec(HYBRID, factorization=f, rank=self._rank(lr, layer, r),
-                              sparsity=s, refine=self.refine)
-                    for r in self.hybrid_rank_ratios
-                    for s in self.hybrid_sparsities
-                ]
+            if METHODS[name].applies_to(layer):
+                out += METHODS[name].grid(layer, self)
         valid, seen = [], set()
         for spec in out:
             if spec in seen:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["LayerSpec", "DENSE", "FITS"]
+__all__ = ["LayerSpec", "FITS"]
 
 FITS = ("weights", "data")
 
@@ -42,7 +42,7 @@ class LayerSpec:
             d["factorization"] = self.factorization
         if self.rank:
             d["rank"] = list(self.rank)
-        if self.method in ("sparse", "lowrank+sparse"):
+        if self.sparsity or self.pattern != "unstructured":  # a method with a sparse part
             d["sparsity"] = float(self.sparsity)
             d["pattern"] = self.pattern
         if self.refine:
@@ -77,5 +77,3 @@ class LayerSpec:
             fit=fit,
         )
 
-
-DENSE = LayerSpec()

@@ -7,9 +7,10 @@ import torch
 
 import autohybrid as ah
 from autohybrid.exceptions import MethodError
-from autohybrid.methods import HYBRID, METHODS, LowRankMethod
+from autohybrid.methods import HYBRID, METHODS, LowRankMethod, Method, register, unregister
 from autohybrid.methods.sparse import keep_count
-from tests.conftest import TINY_INPUT, TinyNet
+from autohybrid.search_space import SearchSpace
+from autohybrid.testing import TINY_INPUT, TinyNet, check_method
 
 torch.manual_seed(0)
 MODEL = TinyNet().eval()
@@ -185,3 +186,90 @@ def test_bad_specs_name_the_problem(name, spec, msg):
 def test_unknown_method_lists_valid_names():
     with pytest.raises(MethodError, match="valid methods: cp, dense"):
         ah.get_method("pruning")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_registered_method_passes_the_shipped_contract(method):
+    assert check_method(method) > 0
+
+
+class ToyRowDrop(Method):
+    """A method a user might add: keep the strongest output rows of the weight, drop the
+    rest (a dense layer with zeroed rows costs the same, so it stores only the kept rows)."""
+
+    name = "toy-rowdrop"
+    color = "#17becf"
+
+    def applies_to(self, layer):
+        return not layer.is_conv and layer.out_chs > 1
+
+    def spec_at(self, layer, keep, share=0.5, **_):
+        return ah.LayerSpec(self.name, rank=(max(1, int(keep * layer.out_chs)),))
+
+    def grid(self, layer, space):
+        return [self.spec_at(layer, k) for k in (0.5, 0.25)]
+
+    def label(self, spec):
+        return f"rows {spec.rank[0]}"
+
+    def params(self, layer, spec):
+        return spec.rank[0] * layer.in_chs + (spec.rank[0] if layer.bias else 0)
+
+    def macs(self, layer, spec):
+        return spec.rank[0] * layer.in_chs * layer.positions
+
+    def skeleton(self, layer, spec):
+        keep = torch.zeros(layer.out_chs, dtype=torch.long)[: spec.rank[0]]
+        return _Rows(torch.nn.Linear(layer.in_chs, spec.rank[0], bias=layer.bias), keep,
+                     layer.out_chs)
+
+    def compress(self, weight, bias, layer, spec, cache=None):
+        keep = weight.norm(dim=1).argsort(descending=True)[: spec.rank[0]].sort().values
+        lin = torch.nn.Linear(layer.in_chs, spec.rank[0], bias=bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(weight[keep])
+            if bias is not None:
+                lin.bias.copy_(bias[keep])
+        approx = torch.zeros_like(weight)
+        approx[keep] = weight[keep]
+        return _Rows(lin, keep, layer.out_chs), ah.methods.rel_error(weight, approx)
+
+
+class _Rows(torch.nn.Module):
+    def __init__(self, lin, keep, out):
+        super().__init__()
+        self.lin, self.out = lin, out
+        self.register_buffer("keep", keep)
+
+    def forward(self, x):
+        y = x.new_zeros(*x.shape[:-1], self.out)
+        return y.index_copy(-1, self.keep, self.lin(x))
+
+
+@pytest.fixture
+def toy():
+    register(ToyRowDrop)
+    yield ToyRowDrop.name
+    unregister(ToyRowDrop.name)
+
+
+def test_a_new_method_is_one_registered_class(toy):
+    """One class and ``@register``: the contract suite runs on it, a search space lists
+    it, the allocation file and apply take it."""
+    assert check_method(toy) > 0
+    space = SearchSpace(name="toy", methods={"linear": [toy]})
+    layer = LAYERS["tok"]
+    assert space.candidates(layer) == [ah.LayerSpec(toy, rank=(18,)), ah.LayerSpec(toy, rank=(9,))]
+    alloc = ah.Allocation.for_inventory(INV, {"tok": ah.LayerSpec(toy, rank=(9,))})
+    small = ah.apply(MODEL, ah.Allocation.from_dict(alloc.to_dict()), INV)
+    assert ah.cost(small, TINY_INPUT).params == alloc.cost(INV).params
+
+
+def test_a_taken_name_is_refused(toy):
+    class Other(ToyRowDrop):
+        pass
+
+    with pytest.raises(MethodError, match="registered already"):
+        register(Other)
+    with pytest.raises(MethodError, match="registered already"):
+        register(type("Sparse2", (ToyRowDrop,), {"name": "sparse"}))

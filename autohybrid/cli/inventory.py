@@ -9,7 +9,7 @@ from autohybrid.cli.common import add_model_args, load_model
 
 def register(sub) -> None:
     p = sub.add_parser("inventory", help="list compressible layers, params, MACs, methods")
-    add_model_args(p)
+    add_model_args(p, weights=False)  # structure only
     p.add_argument("--exclude", action="append", help="layer name pattern to leave dense")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
@@ -17,6 +17,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from autohybrid.inventory import inventory
+    from autohybrid.methods import applicable_methods
 
     model, size = load_model(args)
     inv = inventory(model, size, exclude=args.exclude)
@@ -27,11 +28,11 @@ def run(args) -> int:
             "total_macs": inv.total_macs,
             "layers": [
                 {**layer.structure(), "params": layer.params, "macs": layer.macs,
-                 "excluded": layer.excluded, "methods": list(layer.methods)}
+                 "excluded": layer.excluded, "methods": list(applicable_methods(layer))}
                 for layer in inv
             ],
         }
         print(json.dumps(doc, indent=2))
     else:
-        print(inv.table())
+        print(inv.table(applicable_methods))
     return 0

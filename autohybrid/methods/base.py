@@ -18,15 +18,34 @@ from autohybrid.inventory import LayerInfo
 from autohybrid.spec import LayerSpec
 
 __all__ = ["Method", "LowRankMethod", "rel_error", "METHODS", "register", "get_method",
-           "build"]
+           "build", "round_rank", "MAX_SPARSITY"]
+
+MAX_SPARSITY = 0.9999  # the sparsest level a keep fraction maps to (a layer keeps a weight)
 
 METHODS: dict[str, Method] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: add a method to the registry under ``cls.name``."""
+    """Class decorator: add a method to the registry under ``cls.name``; a name taken by
+    another class is refused (``unregister`` it first to replace it)."""
+    old = METHODS.get(cls.name)
+    if old is not None and type(old).__qualname__ != cls.__qualname__:
+        raise MethodError(f"a method named {cls.name!r} is registered already "
+                          f"({type(old).__module__}.{type(old).__qualname__}); pick another name")
     METHODS[cls.name] = cls()
     return cls
+
+
+def unregister(name: str) -> None:
+    """Remove a method from the registry (tests registering a method of their own)."""
+    METHODS.pop(name, None)
+
+
+def applicable_methods(layer: LayerInfo) -> tuple[str, ...]:
+    """Registered methods that apply to ``layer`` (none for excluded / unsupported layers)."""
+    if not layer.supported:
+        return ()
+    return tuple(name for name, m in METHODS.items() if m.applies_to(layer))
 
 
 def get_method(name: str) -> Method:
@@ -45,11 +64,24 @@ def rel_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     return float(diff / norm) if norm > 0 else float(diff)
 
 
+def round_rank(rank: int, multiple: int, full: int) -> int:
+    """``rank`` rounded to a multiple of ``multiple`` (hardware-friendly), within [1, full]."""
+    if multiple <= 1:
+        return max(1, min(full, rank))
+    return min(full, max(multiple, int(round(rank / multiple)) * multiple))
+
+
 class Method(ABC):
-    """Base class for a per-layer compression method."""
+    """Base class for a per-layer compression method.
+
+    Besides cost and building, a method owns how it is searched: ``spec_at`` turns a keep
+    level (fraction of the layer's weight parameters) into its spec, ``grid`` gives the
+    candidates a search space's grid holds, ``label`` and ``color`` show a spec in reports.
+    Adding a method is one module with a ``@register``-ed subclass."""
 
     name: ClassVar[str]
     lowrank: ClassVar[bool] = False
+    color: ClassVar[str] = "#000000"  # in plots
 
     @abstractmethod
     def applies_to(self, layer: LayerInfo) -> bool:
@@ -60,7 +92,7 @@ class Method(ABC):
         if not self.applies_to(layer):
             raise MethodError(
                 f"method {self.name!r} does not apply to {layer.kind} layer; "
-                f"applicable: {', '.join(layer.methods)}"
+                f"applicable: {', '.join(applicable_methods(layer))}"
             )
 
     @abstractmethod
@@ -93,6 +125,25 @@ class Method(ABC):
         ``cache`` (one dict per weight) lets a method reuse work across specs of one layer,
         e.g. one SVD for every rank.
         """
+
+    def spec_at(self, layer: LayerInfo, keep: float, share: float = 0.5, *,
+                factorization: str | None = None, rank_multiple: int = 1,
+                refine: int = 0) -> LayerSpec | None:
+        """The spec keeping about ``keep`` (0..1] of the layer's weight parameters, no more
+        than rounding to whole counts adds; ``share``: the part of it a second, sparse part holds (methods with two parts),
+        ``factorization``: their low-rank part's method, ``rank_multiple``: ranks rounded to
+        it, ``refine``: their refinements. None when this method cannot express it for this
+        layer. Pure: shapes and numbers only."""
+        return None
+
+    def grid(self, layer: LayerInfo, space) -> list[LayerSpec]:
+        """The candidates of ``space`` (a ``SearchSpace``: its sparsities, rank ratios, ...)
+        for this layer: the rows of the sensitivity table."""
+        return []
+
+    def label(self, spec: LayerSpec) -> str:
+        """A few words for ``spec`` in tables and plots."""
+        return self.name
 
     def fit(
         self,
@@ -140,6 +191,40 @@ class LowRankMethod(Method):
     """A factorization W ~ f(factors). ``factors`` are the chain's weights, in order."""
 
     lowrank = True
+
+    def spec_at(self, layer, keep, share=0.5, *, factorization=None, rank_multiple=1,
+                refine=0):
+        if not self.applies_to(layer):
+            return None
+        return LayerSpec(self.name, rank=self.rank_for_params(
+            layer, keep * layer.weight_numel, rank_multiple))
+
+    def grid(self, layer, space):
+        return [LayerSpec(self.name, rank=self.rank_at_ratio(layer, r, space.rank_multiple))
+                for r in space.rank_ratios]
+
+    def label(self, spec):
+        return f"{self.name} r{'x'.join(map(str, spec.rank))}"
+
+    def rank_at_ratio(self, layer: LayerInfo, ratio: float, multiple: int = 1
+                      ) -> tuple[int, ...]:
+        """Every rank at ``ratio`` of its full value, rounded to ``multiple``."""
+        return tuple(round_rank(round(ratio * m), multiple, m) for m in self.max_rank(layer))
+
+    def rank_for_params(self, layer: LayerInfo, target: float, multiple: int = 1
+                        ) -> tuple[int, ...]:
+        """The largest rank (every rank at one ratio of its full value) whose factors hold
+        at most ``target`` parameters, rounded to ``multiple`` where that does not hold more."""
+        from autohybrid.bisect import largest
+
+        ratio = largest(lambda x: self.lowrank_params(layer, self.rank_for_ratio(layer, x))
+                        <= target, 0.0, 1.0, steps=20, closed=False)
+        rank = self.rank_for_ratio(layer, ratio)
+        full = self.max_rank(layer)
+        rounded = tuple(round_rank(r, multiple, m) for r, m in zip(rank, full))
+        if self.lowrank_params(layer, rounded) > self.lowrank_params(layer, rank):
+            return rank  # rounding up would hold more
+        return rounded
 
     @abstractmethod
     def max_rank(self, layer: LayerInfo) -> tuple[int, ...]:

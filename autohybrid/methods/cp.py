@@ -18,6 +18,7 @@ from autohybrid.methods.base import LowRankMethod, register
 @register
 class CP(LowRankMethod):
     name = "cp"
+    color = "#9467bd"
 
     def applies_to(self, layer):
         return layer.kind == "conv"

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from autohybrid.methods.base import Method, register
+from autohybrid.spec import LayerSpec
 
 
 def dense_module(layer, weight: torch.Tensor | None = None, bias=None) -> nn.Module:
@@ -35,9 +36,13 @@ def dense_module(layer, weight: torch.Tensor | None = None, bias=None) -> nn.Mod
 @register
 class Dense(Method):
     name = "dense"
+    color = "#7f7f7f"
 
     def applies_to(self, layer):
         return True
+
+    def spec_at(self, layer, keep, share=0.5, **_):
+        return LayerSpec()
 
     def params(self, layer, spec):
         return layer.params

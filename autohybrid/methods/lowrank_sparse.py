@@ -17,6 +17,7 @@ from autohybrid.exceptions import MethodError
 from autohybrid.fit import output_error
 from autohybrid.layers import LowRankSparse, sparse_module
 from autohybrid.methods.base import (
+    MAX_SPARSITY,
     METHODS,
     LowRankMethod,
     Method,
@@ -33,6 +34,7 @@ from autohybrid.methods.sparse import (
     scatter,
     sparse_part,
 )
+from autohybrid.spec import LayerSpec
 
 
 def lowrank_methods(layer) -> list[str]:
@@ -42,9 +44,36 @@ def lowrank_methods(layer) -> list[str]:
 @register
 class LowRankPlusSparse(Method):
     name = "lowrank+sparse"
+    color = "#d62728"
 
     def applies_to(self, layer):
         return bool(lowrank_methods(layer))
+
+    def spec_at(self, layer, keep, share=0.5, *, factorization=None, rank_multiple=1,
+                refine=0):
+        """``1 - share`` of ``keep`` to the low-rank part (``factorization``), the rest of
+        ``keep`` (at least ``share`` of it: ranks round down) to the sparse residual."""
+        lr = METHODS.get(factorization) if factorization else None
+        if lr is None or not lr.lowrank or not lr.applies_to(layer):
+            return None
+        numel = layer.weight_numel
+        rank = lr.rank_for_params(layer, (1 - share) * keep * numel, rank_multiple)
+        density = max(keep * numel - lr.lowrank_params(layer, rank), 0) / numel
+        return LayerSpec(self.name, factorization=lr.name, rank=rank,
+                         sparsity=min(1.0 - density, MAX_SPARSITY), refine=refine)
+
+    def grid(self, layer, space):
+        lr = METHODS.get(space.factorizations.get(layer.kind) or "")
+        if lr is None or not lr.lowrank or not lr.applies_to(layer):
+            return []
+        return [LayerSpec(self.name, factorization=lr.name,
+                          rank=lr.rank_at_ratio(layer, r, space.rank_multiple), sparsity=s,
+                          refine=space.refine)
+                for r in space.hybrid_rank_ratios for s in space.hybrid_sparsities]
+
+    def label(self, spec):
+        return (f"{spec.factorization}+S r{'x'.join(map(str, spec.rank))} "
+                f"s{spec.sparsity:.2f}")
 
     def factorization(self, layer, spec) -> LowRankMethod:
         valid = lowrank_methods(layer)

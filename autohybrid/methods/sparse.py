@@ -13,7 +13,8 @@ from autohybrid.exceptions import MethodError
 from autohybrid.fit import FitProblem, masked_lstsq, output_error, saliency
 from autohybrid.inventory import LayerInfo
 from autohybrid.layers import sparse_module
-from autohybrid.methods.base import Method, register, rel_error
+from autohybrid.methods.base import MAX_SPARSITY, Method, register, rel_error
+from autohybrid.spec import LayerSpec
 
 SALIENCY_KINDS = ("obs", "wanda")  # what saliency "best" tries
 
@@ -120,9 +121,24 @@ def scatter(shape, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 @register
 class Sparse(Method):
     name = "sparse"
+    color = "#1f77b4"
 
     def applies_to(self, layer):
         return True
+
+    def spec_at(self, layer, keep, share=0.5, **_):
+        return LayerSpec("sparse", sparsity=min(max(1.0 - keep, 0.0), MAX_SPARSITY))
+
+    def grid(self, layer, space):
+        out = [LayerSpec("sparse", sparsity=s) for s in space.sparsities]
+        for pat in space.nm_patterns:
+            n, m = (int(v) for v in pat.split(":"))
+            out.append(LayerSpec("sparse", sparsity=1 - n / m, pattern=pat))
+        return out
+
+    def label(self, spec):
+        pattern = "" if spec.pattern == "unstructured" else f" {spec.pattern}"
+        return f"sparse {spec.sparsity:.2f}{pattern}"
 
     def check(self, layer, spec):
         super().check(layer, spec)

@@ -28,6 +28,7 @@ def svd_factors(matrix: torch.Tensor, r: int, cache: dict | None = None) -> list
 @register
 class SVD(LowRankMethod):
     name = "svd"
+    color = "#ff7f0e"
 
     def applies_to(self, layer):
         return layer.kind in ("linear", "pointwise")

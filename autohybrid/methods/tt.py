@@ -54,6 +54,7 @@ def tt_cores(layer, d: int) -> int:
 @register
 class TT(LowRankMethod):
     name = "tt"
+    color = "#8c564b"
 
     def applies_to(self, layer):
         return layer.kind == "linear" and tt_cores(layer, DEFAULT_CORES) >= 2

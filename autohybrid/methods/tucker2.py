@@ -47,6 +47,7 @@ def _mode_bases(w: torch.Tensor, cache: dict | None) -> tuple[torch.Tensor, torc
 @register
 class Tucker2(LowRankMethod):
     name = "tucker2"
+    color = "#2ca02c"
 
     def applies_to(self, layer):
         return layer.kind == "conv"

@@ -13,17 +13,17 @@ Pure functions of the parameter space, an allocation and the surrogate: no model
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+from autohybrid.bisect import largest
 from autohybrid.cost import allocation_cost, layer_cost
 from autohybrid.inventory import LayerInfo
-from autohybrid.methods import HYBRID
+from autohybrid.methods import HYBRID, label
 from autohybrid.search.params import LEVELS, MIN_SCALE, SHARES, ParamSpace
 from autohybrid.search.surrogate import Surrogate
 from autohybrid.spec import LayerSpec
 
-__all__ = ["Move", "moves", "apply_move", "describe"]
+__all__ = ["Move", "moves", "apply_move"]
 
 LOWEST = LEVELS[-1] * MIN_SCALE
 
@@ -45,18 +45,7 @@ class Move:
 
     @property
     def label(self) -> str:
-        return f"{self.layer} -> {describe(self.spec)}"
-
-
-def describe(spec: LayerSpec) -> str:
-    """A short human-readable form: ``sparse 0.83``, ``svd (12,)``, ``L+S tucker2 (4, 4) 0.95``."""
-    if spec.method == "dense":
-        return "dense"
-    if spec.method == "sparse":
-        return f"sparse {spec.sparsity:.3f}"
-    if spec.method == HYBRID:
-        return f"L+S {spec.factorization} {tuple(spec.rank)} {spec.sparsity:.3f}"
-    return f"{spec.method} {tuple(spec.rank)}"
+        return f"{self.layer} -> {label(self.spec)}"
 
 
 def _cost(layer: LayerInfo, spec: LayerSpec, metric: str) -> int:
@@ -70,16 +59,12 @@ def _largest_fitting(ps: ParamSpace, layer: LayerInfo, method: str, share: float
     def spec(level: float) -> LayerSpec:
         return ps.spec(layer, method, level, share)
 
-    if _cost(layer, spec(LOWEST), ps.metric) > allowed:
+    def fits(level: float) -> bool:
+        return _cost(layer, spec(level), ps.metric) <= allowed
+
+    if not fits(LOWEST):
         return None
-    lo, hi = math.log(LOWEST), 0.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if _cost(layer, spec(math.exp(mid)), ps.metric) <= allowed:
-            lo = mid
-        else:
-            hi = mid
-    return spec(math.exp(lo))
+    return spec(largest(fits, LOWEST, 1.0, log=True, closed=False))  # below 1: dense
 
 
 def _shape(spec: LayerSpec) -> tuple:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from autohybrid.allocation import rank_for_params
+from autohybrid.bisect import largest
 from autohybrid.cost import allocation_cost
 from autohybrid.inventory import Inventory, LayerInfo
-from autohybrid.methods import HYBRID, METHODS
-from autohybrid.search_space import SearchSpace, round_rank
+from autohybrid.methods import HYBRID, METHODS, spec_at
+from autohybrid.search_space import SearchSpace
 from autohybrid.spec import LayerSpec
 
 __all__ = ["Group", "ParamSpace", "LEVELS", "SHARES"]
@@ -96,31 +96,11 @@ class ParamSpace:
         return params
 
     def spec(self, layer: LayerInfo, method: str, level: float, share: float = 0.5) -> LayerSpec:
-        """The spec of ``method`` keeping about ``level`` of the layer's weight parameters."""
-        numel = layer.weight_numel
-        if method == "dense" or level >= 1.0:
-            return LayerSpec()
-        if method == "sparse":
-            return LayerSpec("sparse", sparsity=min(1.0 - level, 0.9999))
-        f = method if method != HYBRID else self.space.factorizations.get(layer.kind)
-        if f is None or f not in METHODS or not METHODS[f].applies_to(layer):
-            return LayerSpec("sparse", sparsity=min(1.0 - level, 0.9999))
-        lr_target = level * numel if method != HYBRID else (1 - share) * level * numel
-        rank = self._round(layer, f, rank_for_params(layer, f, lr_target))
-        if method != HYBRID:
-            return LayerSpec(f, rank=rank)
-        used = METHODS[f].lowrank_params(layer, rank)
-        density = max(level * numel - used, 0) / numel
-        return LayerSpec(HYBRID, factorization=f, rank=rank,
-                         sparsity=min(1.0 - density, 0.9999), refine=self.space.refine)
-
-    def _round(self, layer, f, rank):
-        full = METHODS[f].max_rank(layer)
-        rounded = tuple(round_rank(r, self.space.rank_multiple, m) for r, m in zip(rank, full))
-        # rounding up may overshoot the level; keep the unrounded rank then
-        if METHODS[f].lowrank_params(layer, rounded) > METHODS[f].lowrank_params(layer, rank):
-            return rank
-        return rounded
+        """The spec of ``method`` keeping about ``level`` of the layer's weight parameters
+        (``methods.spec_at``, with this space's factorization, rank multiple and refine)."""
+        return spec_at(layer, method, level, share,
+                       factorization=self.space.factorizations.get(layer.kind),
+                       rank_multiple=self.space.rank_multiple, refine=self.space.refine)
 
     def decode(self, params: dict, scale: float = 1.0) -> dict[str, LayerSpec]:
         layers = {}
@@ -146,16 +126,9 @@ class ParamSpace:
             return self.decode(params, MIN_SCALE), 0.0
         levels = [v for k, v in params.items() if k.endswith(".level")]
         top = 1.0 / min(levels) if levels else 1.0
-        if self.fraction(self.decode(params, top)) <= budget:
-            return self.decode(params, top), top
-        lo, hi = MIN_SCALE, top
-        for _ in range(24):
-            mid = (lo + hi) / 2
-            if self.fraction(self.decode(params, mid)) <= budget:
-                lo = mid
-            else:
-                hi = mid
-        return self.decode(params, lo), lo
+        scale = largest(lambda x: self.fraction(self.decode(params, x)) <= budget, MIN_SCALE,
+                        top, steps=24)
+        return self.decode(params, scale), scale
 
     def params_for(self, layers: dict[str, LayerSpec]) -> dict:
         """The nearest parameters for an explicit allocation (used to enqueue warm starts)."""

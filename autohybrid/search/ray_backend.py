@@ -28,6 +28,7 @@ How the pieces fit:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
@@ -58,6 +59,7 @@ QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AIR_NEW_OUTPUT": "0",
              "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 ALLOCATION, FRACTION = "allocation", "fraction"  # the config keys a trainable gets
 RESULTS = "ray_results"
+TARGET_KEY = "ray:trials"  # study user attr: the total of the run restoring an experiment
 
 
 def run_ray(
@@ -88,6 +90,9 @@ def run_ray(
                 console.print(f"no Ray Tune experiment to resume in {path}; starting one")
             if restore:
                 console.print(f"resuming the Ray Tune experiment {path}")
+                # the restored searcher was pickled with the old run's settings: it reads
+                # this run's total from the study
+                ss.study.set_user_attr(TARGET_KEY, cfg.trials)
                 _fit(ss, tune.Tuner.restore(str(path), trainable, resume_errored=True), path)
                 ss.recover()
             if not ss.finished():
@@ -232,6 +237,12 @@ class StudySearcher(Searcher):
         else:
             self.ss.record(number, fail_reason="the Ray trial failed (see its error in "
                                                "ray_results)")
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        target = self.ss.study.user_attrs.get(TARGET_KEY)
+        if target:
+            self.ss.cfg = dataclasses.replace(self.ss.cfg, trials=int(target))
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:

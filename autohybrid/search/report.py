@@ -13,7 +13,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from autohybrid.io import atomic_write_text
-from autohybrid.report import METHOD_COLORS, html_page, save_figure, sensitivity_heatmap, svg
+from autohybrid.report import html_page, save_figure, sensitivity_heatmap, svg
 from autohybrid.search.study import pareto_front, trial_layers, within_budget
 
 __all__ = ["write_search_report", "pareto_figure", "allocation_figure"]
@@ -57,17 +57,17 @@ def allocation_figure(trial, inv):
         layer = inv[n]
         if spec is None:
             kept.append(1.0)
-            colors.append(METHOD_COLORS["dense"])
+            colors.append(METHODS["dense"].color)
         else:
             p = METHODS[spec.method].params(layer, spec)
             kept.append(p / layer.params)
-            colors.append(METHOD_COLORS.get(spec.method, "#000"))
+            colors.append(METHODS[spec.method].color if spec.method in METHODS else "#000")
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(names)), 3.8))
     ax.bar(range(len(names)), kept, color=colors)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     ax.set_ylabel("params kept")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in METHOD_COLORS.values()]
-    ax.legend(handles, list(METHOD_COLORS), fontsize=7, ncol=4)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=m.color) for m in METHODS.values()]
+    ax.legend(handles, list(METHODS), fontsize=7, ncol=4)
     ax.set_title(f"Allocation of trial {trial.number}")
     fig.tight_layout()
     return fig
