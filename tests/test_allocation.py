@@ -5,6 +5,7 @@ import yaml
 
 import autohybrid as ah
 from autohybrid.exceptions import AllocationError, BudgetError, ConfigError
+from autohybrid.allocation import _uniform_builder
 from autohybrid.methods import applicable_methods
 from tests.conftest import TINY_INPUT
 
@@ -49,6 +50,11 @@ def test_uniform_lands_just_under_budget(inv, method, metric):
     alloc = ah.Allocation.uniform(inv, method=method, budget=budget, metric=metric)
     frac = alloc.cost(inv).fraction(metric)
     assert frac <= budget
+    # just under: one step up from the level it found crosses the budget
+    level = alloc.meta["uniform"]["level"]
+    build = _uniform_builder(method, 0.5, None)
+    above = {la.name: build(la, level + 1e-6) for la in inv.compressible}
+    assert level < 1 and ah.Allocation.for_inventory(inv, above).cost(inv).fraction(metric) > budget
     alloc.validate(inv)
     assert alloc.layers and not {"stem", "head"} & set(alloc.layers)
 

@@ -201,7 +201,11 @@ def test_old_batchnorm_checkpoint(resnet20: nn.Module, tmp_path: Path) -> None:
     path = tmp_path / "old.pth"
     state = {k: v for k, v in resnet20.state_dict().items() if "num_batches_tracked" not in k}
     torch.save({"state_dict": state}, path)
-    load_checkpoint(create_model("cifar_resnet20"), path)
+    other = create_model("cifar_resnet20").eval()
+    load_checkpoint(other, path)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(other(x), resnet20.eval()(x))  # every weight and statistic
+    assert all(int(v) == 0 for k, v in other.state_dict().items() if "num_batches" in k)
 
 
 def test_safetensors(resnet20: nn.Module, tmp_path: Path) -> None:

@@ -11,9 +11,10 @@ import autohybrid as ah
 from autohybrid.config import SearchConfig
 from autohybrid.models import create_model
 from autohybrid.search.local import apply_move, moves
+from autohybrid.exceptions import BudgetError
 from autohybrid.search.objective import Evaluator, NumericalError
 from autohybrid.search.params import ParamSpace, group_layers
-from autohybrid.search.run import smallest_fraction, write_front
+from autohybrid.search.run import check_reachable, smallest_fraction, write_front
 from autohybrid.search.study import SearchStudy, pareto_front, trial_layers
 from autohybrid.search.surrogate import Surrogate
 from autohybrid.search.warm_start import warm_starts
@@ -75,11 +76,17 @@ def test_budget_is_hard_and_warm_starts_come_first(parts, tmp_path):
 
 
 def test_same_seed_same_first_trials(parts, tmp_path):
-    a = make_study(parts, tmp_path / "a", trials=5).run()
-    b = make_study(parts, tmp_path / "b", trials=5).run()
-    pa = [t.params for t in a.get_trials()[:6]]
-    pb = [t.params for t in b.get_trials()[:6]]
-    assert pa == pb
+    """Same seed: the same trials, sampled ones included; another seed samples others."""
+    def sampled(study):
+        return [t.params for t in study.get_trials()
+                if not t.user_attrs.get("warm_start") and "local_of" not in t.user_attrs]
+
+    a = make_study(parts, tmp_path / "a", trials=8, local_search=0).run()
+    b = make_study(parts, tmp_path / "b", trials=8, local_search=0).run()
+    c = make_study(parts, tmp_path / "c", trials=8, local_search=0, seed=1).run()
+    assert len(sampled(a)) >= 3  # the comparison covers what the sampler drew
+    assert [t.params for t in a.get_trials()] == [t.params for t in b.get_trials()]
+    assert sampled(a) != sampled(c)
 
 
 def test_resume_reaches_the_total_without_losing_trials(parts, tmp_path):
@@ -127,6 +134,9 @@ def test_unreachable_budget_names_smallest_fraction(parts):
     ps = ParamSpace(SPACE, inv, group_layers(SPACE, inv, table.df, 24, 0), "params")
     low = smallest_fraction(ps)
     assert 0.1 < low < 0.6  # layers 1-2 and the stem stay dense in this space
+    with pytest.raises(BudgetError, match=rf"smallest reachable fraction is {low:.3f}; raise "):
+        check_reachable(ps, low - 0.01)
+    assert check_reachable(ps, low) == low
 
 
 def test_pareto_writes_reappliable_allocations(parts, tmp_path, capsys):

@@ -85,6 +85,18 @@ class SearchSetup:
                 "input_size": list(self.size), "kwargs": dict(self.inv.model_kwargs)}
 
 
+def check_reachable(ps: ParamSpace, budget: float) -> float:
+    """The smallest fraction ``ps`` can build; ``BudgetError`` naming it when ``budget`` is
+    below."""
+    low = smallest_fraction(ps)
+    if budget < low:
+        raise BudgetError(
+            f"budget {budget} of {ps.metric} cannot be reached by this search space: "
+            f"the smallest reachable fraction is {low:.3f}; raise --budget or widen the space"
+        )
+    return low
+
+
 def load_model(cfg: SearchConfig) -> tuple[torch.nn.Module, tuple[int, int, int]]:
     """The dense model of ``cfg`` in eval mode, and its input size."""
     from autohybrid.models import create_model
@@ -111,13 +123,8 @@ def setup_search(cfg: SearchConfig) -> SearchSetup:
     data = load_data(cfg.data, model, input_size=size)
     inv = inventory(model, size)
     space = load_search_space(cfg.model, cfg.search_space)
-    low = smallest_fraction(ParamSpace(space, inv, group_layers(space, inv, None, 10**9, 0),
-                                       cfg.metric))
-    if cfg.budget < low:
-        raise BudgetError(
-            f"budget {cfg.budget} of {cfg.metric} cannot be reached by this search space: "
-            f"the smallest reachable fraction is {low:.3f}; raise --budget or widen the space"
-        )
+    check_reachable(ParamSpace(space, inv, group_layers(space, inv, None, 10**9, 0),
+                               cfg.metric), cfg.budget)
     storage = get_storage(cfg.storage, out)  # fail early on a bad URL
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)  # half-written files of a killed earlier run
