@@ -214,3 +214,34 @@ def test_report_draws_in_headless_chromium(run, tmp_path):
         "</body>", PROBE + "</body>"))
     svgs, pixels = _render(exe, empty)
     assert svgs == [] and _ink(pixels)[1] < 100
+
+
+def test_report_reads_like_a_page_for_a_person(run):
+    """No Python dicts, raw field names or unrounded floats in report.html's text; the
+    quality axis is linear unless the values span a decade."""
+    import re
+
+    _, out, _ = run
+    page = (out / "report.html").read_text()
+    text = re.sub(r"<svg.*?</svg>", "", page, flags=re.S)
+    assert "{'" not in text and "COMPLETE" not in text
+    assert "params_fraction" not in text and "test_top1_before" not in text
+    assert "Params kept" in text and "trials (" in text
+    cells = re.findall(r"<td>([^<]*)</td>", text)
+    assert cells and not [c for c in cells if re.fullmatch(r"-?\d+\.\d{5,}", c)], cells
+
+
+def test_quality_axis_is_log_only_over_a_decade():
+    from types import SimpleNamespace
+
+    import optuna
+
+    from autohybrid.search.report import pareto_figure
+
+    for values, scale in (([1.69, 1.70, 1.73], "linear"), ([0.01, 0.5, 2.0], "log")):
+        study = optuna.create_study(directions=["minimize", "minimize"])
+        for i, v in enumerate(values):
+            study.add_trial(optuna.trial.create_trial(
+                values=[v, 0.1 + 0.1 * i], user_attrs={"constraint": -0.1}))
+        fig = pareto_figure(SimpleNamespace(get_trials=study.get_trials), 0.5, "kl", "params")
+        assert fig.axes[0].get_yscale() == scale

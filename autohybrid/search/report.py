@@ -37,8 +37,9 @@ def pareto_figure(study, budget: float, quality: str, metric: str):
     ax.axvline(budget, ls="--", c="k", lw=1, label=f"budget {budget:g}")
     ax.set_xlabel(f"{metric} fraction of the dense model")
     ax.set_ylabel(f"{quality} on calibration (lower is better)")
-    if quality == "kl" and feas and min(t.values[0] for t in feas) > 0:
-        ax.set_yscale("log")
+    values = [t.values[0] for t in feas]
+    if quality == "kl" and values and min(values) > 0 and max(values) / min(values) > 10:
+        ax.set_yscale("log")  # only where the values span a decade: else plain ticks read best
     ax.legend(fontsize=8)
     ax.set_title("Search: quality vs cost (squares: warm starts)")
     fig.tight_layout()
@@ -73,6 +74,58 @@ def allocation_figure(trial, inv):
     return fig
 
 
+def _summary(trials, cfg) -> str:
+    """One sentence: what was searched and what became of the trials."""
+    n = {s: sum(t.state == s for t in trials) for s in TrialState}
+    over = sum(bool(t.user_attrs.get("infeasible")) for t in trials)
+    screened = sum(bool(t.user_attrs.get("screened")) for t in trials)
+    parts = [f"{n[TrialState.COMPLETE]} evaluated"]
+    parts += [f"{k} {v}" for k, v in (("over the budget (not evaluated)", over),
+                                      ("screened out by the surrogate", screened),
+                                      ("failed", n[TrialState.FAIL]),
+                                      ("still running", n[TrialState.RUNNING])) if v]
+    return (f"Model {cfg.model}, budget {cfg.budget:g} of the dense model's {cfg.metric}: "
+            f"{len(trials)} trials ({', '.join(parts)}); sampler {cfg.sampler}, trials "
+            f"scored by {QUALITY_NAMES.get(cfg.quality, cfg.quality)} on the calibration "
+            "images.")
+
+
+QUALITY_NAMES = {"kl": "KL divergence to the dense model", "loss": "cross-entropy loss",
+                 "disagreement": "disagreement with the dense model"}
+FRONT_COLUMNS = {  # pareto.csv column -> (heading, format)
+    "trial": ("Trial", "{:.0f}"), "params_fraction": ("Params kept", "{:.1%}"),
+    "macs_fraction": ("MACs kept", "{:.1%}"), "top1_calibration_fitted":
+    ("Top-1 calibration (%)", "{:.2f}"), "test_top1_before": ("Top-1 test, before "
+    "fine-tune (%)", "{:.2f}"), "test_top1_after": ("Top-1 test, after fine-tune (%)",
+    "{:.2f}"), "bn_recal": ("BN recalibrated", "{}"), "origin": ("From", "{}"),
+    "allocation": ("Allocation file", "{}"), "model": ("Exported model", "{}"),
+}
+
+
+def front_table(df: pd.DataFrame, quality: str) -> str:
+    """The front as a table for people: headings in words, fractions as percentages,
+    accuracies to two decimals; the quality score after the refit, in its own words."""
+    cols = dict(FRONT_COLUMNS)
+    fitted = f"{quality}_fitted" if f"{quality}_fitted" in df else quality
+    cols = {"trial": cols.pop("trial"), fitted: (
+        f"{quality.upper() if quality == 'kl' else quality.capitalize()} (calibration)",
+        "{:.4f}"), **cols}
+    shown = [c for c in cols if c in df]
+
+    def cell(v, fmt: str) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return "–"
+        try:
+            return html.escape(fmt.format(v))
+        except (ValueError, TypeError):
+            return html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(cols[c][0])}</th>" for c in shown)
+    rows = "".join("<tr>" + "".join(f"<td>{cell(r[c], cols[c][1])}</td>" for c in shown)
+                   + "</tr>" for _, r in df.iterrows())
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
 def write_search_report(study, out: str | Path, cfg, table, inv) -> Path:
     out = Path(out)
     trials = study.get_trials(deepcopy=False)
@@ -82,17 +135,10 @@ def write_search_report(study, out: str | Path, cfg, table, inv) -> Path:
         figs["allocation.png"] = allocation_figure(front[0], inv)
     figs["sensitivity_heatmap.png"] = sensitivity_heatmap(table.df, "kl")
     sections = []
-    states = pd.Series([t.state.name for t in trials]).value_counts().to_dict()
-    summary = (
-        f"<p>model <b>{html.escape(str(cfg.model))}</b>, budget {cfg.budget:g} of "
-        f"{cfg.metric}, {len(trials)} trials ({html.escape(str(states))}), sampler "
-        f"{cfg.sampler}, quality signal {cfg.quality}.</p>"
-    )
-    sections.append(("Summary", summary))
+    sections.append(("Summary", f"<p>{html.escape(_summary(trials, cfg))}</p>"))
     pareto_csv = out / "pareto.csv"
     if pareto_csv.is_file():
-        sections.append(("Pareto front", pd.read_csv(pareto_csv).to_html(
-            index=False, float_format=lambda v: f"{v:.4g}", na_rep="")))
+        sections.append(("Pareto front", front_table(pd.read_csv(pareto_csv), cfg.quality)))
     titles = {"pareto.png": "Quality vs cost", "allocation.png": "Best allocation per layer",
               "sensitivity_heatmap.png": "Sensitivity"}
     for name, fig in figs.items():
