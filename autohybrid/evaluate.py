@@ -9,6 +9,7 @@ of the accuracy a compression loses.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from autohybrid.progress import bar as progress_bar
 from .data import loader
 from .exceptions import DataError
 
-__all__ = ["evaluate", "recalibrate_bn"]
+__all__ = ["evaluate", "recalibrate_bn", "estimating"]
 
 
 def evaluate(
@@ -150,14 +151,9 @@ def recalibrate_bn(
     if batches is not None and total is not None:
         total = min(total, batches)
     was_training = model.training
-    momenta = [bn.momentum for bn in norms]
     model.eval()
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average over the batches seen
-        bn.train()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), estimating(norms):
             bar = progress_bar(batch_iter, total=total, desc="recalibrate BN", unit="batch",
                                progress=progress, leave=False)
             for i, batch in enumerate(bar):
@@ -167,10 +163,27 @@ def recalibrate_bn(
                 model(x.to(device, non_blocking=True))
             bar.close()
     finally:
-        for bn, momentum in zip(norms, momenta):
-            bn.momentum = momentum
         model.train(was_training)
     return model
+
+
+@contextmanager
+def estimating(norms):
+    """BatchNorm layers ``norms`` re-estimating their running statistics inside the block:
+    reset, averaged over every batch seen (momentum None), in train mode; their momenta and
+    eval mode come back after. The one BatchNorm recalibration of the package
+    (``recalibrate_bn``, the sensitivity table's per-candidate re-estimate)."""
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average over the batches seen
+        bn.train()
+    try:
+        yield norms
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+            bn.eval()
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -26,6 +26,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from autohybrid.cost import layer_cost
+from autohybrid.evaluate import estimating
 from autohybrid.exceptions import ConfigError
 from autohybrid.inventory import Inventory, LayerInfo
 from autohybrid.io import atomic_path, atomic_write_text, remove_stale_temps
@@ -425,25 +426,20 @@ def _score_layer(model, runner, name, modules, bns, images, labels, batch_size, 
     """Scores of each candidate module in place of layer ``name``; ``bns`` are the BatchNorms
     downstream of it, re-estimated per candidate when ``bn_recal``."""
     scores = [Scores() for _ in modules]
-    original, momenta = _bn_state(bns), [m.momentum for m in bns]
+    original = _bn_state(bns)
     states: list[list[dict] | None] = [None] * len(modules)
     if bn_recal and bns:
         x_r = images[:recal_n]
         recal = list(_batches(x_r, labels[:recal_n], batch_size))
         envs = [runner.dense(xb) for xb, _ in recal] if runner else []
         for i, mod in enumerate(modules):
-            for m in bns:
-                m.reset_running_stats()
-                m.momentum = None
-                m.train()
-            for j, (xb, _) in enumerate(recal):
-                if runner:
-                    runner.run_cone(envs[j], name, mod)
-                else:
-                    with swapped(model, name, mod):
-                        model(xb)
-            for m in bns:
-                m.eval()
+            with estimating(bns):
+                for j, (xb, _) in enumerate(recal):
+                    if runner:
+                        runner.run_cone(envs[j], name, mod)
+                    else:
+                        with swapped(model, name, mod):
+                            model(xb)
             states[i] = _bn_state(bns)
         del envs
     _bn_load(bns, original)
@@ -462,7 +458,4 @@ def _score_layer(model, runner, name, modules, bns, images, labels, batch_size, 
             _bn_load(bns, original)
     finally:
         _bn_load(bns, original)
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
-            m.eval()
     return scores

@@ -130,10 +130,10 @@ class Method(ABC):
                 factorization: str | None = None, rank_multiple: int = 1,
                 refine: int = 0) -> LayerSpec | None:
         """The spec keeping about ``keep`` (0..1] of the layer's weight parameters, no more
-        than rounding to whole counts adds; ``share``: the part of it a second, sparse part holds (methods with two parts),
-        ``factorization``: their low-rank part's method, ``rank_multiple``: ranks rounded to
-        it, ``refine``: their refinements. None when this method cannot express it for this
-        layer. Pure: shapes and numbers only."""
+        than rounding to whole counts adds; ``share``: the part of it a second, sparse part
+        holds (methods with two parts), ``factorization``: their low-rank part's method,
+        ``rank_multiple``: ranks rounded to it, ``refine``: their refinements. None when
+        this method cannot express it for this layer. Pure: shapes and numbers only."""
         return None
 
     def grid(self, layer: LayerInfo, space) -> list[LayerSpec]:
