@@ -170,6 +170,7 @@ def runs(tmp_path_factory):
         # 3. during fine-tuning, after a checkpoint
         run = Run(_search(d, out), d / "kill-3.log")
         run.kill_when(lambda: bool(_checkpoints(out)))
+        facts["log3"] = run.text()  # the rerun that recovered the dead trial
         facts["ckpt"] = {p.parent.name: torch.load(p, weights_only=True)["step"]
                          for p in _checkpoints(out)}
         # 4. to the end
@@ -214,6 +215,8 @@ def test_sensitivity_subcommand_killed_then_rerun(runs):
 
 def test_killed_in_a_trial_continues_as_the_uninterrupted_search(runs):
     at_kill, out = runs["at_kill"], runs["out"]
+    # the rerun of the dead trial sets its own budget constraint (not copied from the dead one)
+    assert "constraint value is ignored" not in runs["log3"]
     (dead,) = [t for t in at_kill if t.state == TrialState.RUNNING]
     assert "allocation" in dead.user_attrs  # killed while it was being scored
     assert not dead.user_attrs.get("warm_start")  # a trial the sampler drew
