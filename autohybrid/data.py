@@ -155,6 +155,7 @@ class DataBundle:
     test: Dataset
     classes: tuple[str, ...]
     preprocess: Preprocess
+    mirror_invariant: bool = True  # a horizontally flipped image keeps its label (augmentation)
 
     @property
     def num_classes(self) -> int:
@@ -169,7 +170,10 @@ class DataBundle:
 
 
 def load_data(
-    spec: str, model: nn.Module, input_size: int | Sequence[int] | None = None
+    spec: str,
+    model: nn.Module,
+    input_size: int | Sequence[int] | None = None,
+    check_classes: bool = True,
 ) -> DataBundle:
     """Parse a data spec and load both splits, preprocessed as ``model`` expects.
 
@@ -177,10 +181,24 @@ def load_data(
         spec: ``digits``, ``cifar10:DIR`` or ``imagefolder:DIR``.
         model: the network the data is for; its data config gives mean, std and input size.
         input_size: overrides the model's input size (``S``, ``(H, W)`` or ``(C, H, W)``).
+        check_classes: refuse a model whose ``num_classes`` is not the data's class count
+            (False: the model only supplies the preprocessing).
 
     Raises:
         DataError: unknown spec, missing or empty directory, unrecognised files, bad labels.
+        ModelError: with ``check_classes``, a classifier head of another class count.
     """
+    bundle = _load_bundle(spec, model, input_size)
+    if check_classes:
+        from .models import check_num_classes
+
+        check_num_classes(model, bundle.num_classes, bundle.spec)
+    return bundle
+
+
+def _load_bundle(
+    spec: str, model: nn.Module, input_size: int | Sequence[int] | None
+) -> DataBundle:
     spec = str(spec).strip()
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower()
@@ -327,6 +345,7 @@ def _load_digits(spec: str, preprocess: Preprocess) -> DataBundle:
         test=ArrayDataset(images[test], targets[test], preprocess),
         classes=tuple(str(i) for i in range(10)),
         preprocess=preprocess,
+        mirror_invariant=False,  # a mirrored digit is another glyph (or none)
     )
 
 

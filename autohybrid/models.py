@@ -30,7 +30,7 @@ from torch import nn
 
 from .exceptions import CheckpointError, ModelError
 
-__all__ = ["CifarResNet", "create_model", "load_checkpoint", "preprocessing"]
+__all__ = ["CifarResNet", "check_num_classes", "create_model", "load_checkpoint", "preprocessing"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -458,7 +458,46 @@ def _load_state_dict(
         raise CheckpointError(
             f"checkpoint {path} does not fit the model: {'; '.join(problems)} — {hint}"
         )
+    _check_finite(state_dict, path)
     model.load_state_dict(state_dict, strict=True)
+
+
+def _check_finite(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Refuse NaN / inf weights, naming the first tensor that holds them."""
+    bad = [
+        (k, v) for k, v in state_dict.items()
+        if (v.is_floating_point() or v.is_complex()) and not bool(torch.isfinite(v).all())
+    ]
+    if not bad:
+        return
+    name, v = bad[0]
+    nan = int(torch.isnan(v).sum())
+    inf = v.numel() - nan - int(torch.isfinite(v).sum())
+    what = " and ".join(s for s in (f"{nan} NaN" if nan else "", f"{inf} inf" if inf else "") if s)
+    more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+    raise CheckpointError(
+        f"checkpoint {path} holds non-finite weights: {name} has {what} of {v.numel()} "
+        f"values{more}; the training diverged or the file is damaged, use another checkpoint"
+    )
+
+
+def check_num_classes(model: nn.Module, num_classes: int, data: str) -> None:
+    """Refuse a classifier whose output count is not the data's class count.
+
+    The model's count is its ``num_classes`` (timm's attribute; models without one are not
+    checked). Raises ``ModelError`` naming both counts.
+    """
+    own = getattr(model, "num_classes", None)
+    if isinstance(own, bool) or not isinstance(own, int) or own == num_classes:
+        return
+    name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(
+        model
+    ).__name__
+    raise ModelError(
+        f"model {name!r} has {own} outputs but {data} has {num_classes} classes; use a "
+        f"checkpoint trained on these {num_classes} classes, or --num-classes {num_classes} "
+        "for a new head"
+    )
 
 
 def _some(items: list[str], limit: int = 5) -> str:

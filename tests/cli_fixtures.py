@@ -22,6 +22,10 @@ def make_fixtures(d: Path) -> dict[str, str]:
     d.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     r20 = create_model("cifar_resnet20")
+    torch.save(r20.state_dict(), d / "r20.th")
+    nan = {k: v.clone() for k, v in r20.state_dict().items()}
+    nan["layer2.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(nan, d / "nan.th")
     torch.save({"state_dict": create_model("cifar_resnet56").state_dict()}, d / "r56.th")
     torch.save(create_model("cifar_resnet20", num_classes=100).state_dict(), d / "r20_c100.th")
     (d / "empty.th").write_bytes(b"")

@@ -7,7 +7,7 @@ from autohybrid.cli.common import add_model_args, load_model
 
 def register(sub) -> None:
     p = sub.add_parser("allocate", help="write a uniform allocation (one level for all layers)")
-    add_model_args(p)
+    add_model_args(p, weights=False)  # structure only
     p.add_argument(
         "--method", default="lowrank+sparse",
         help="lowrank+sparse (default) | lowrank | sparse | svd | tucker2 | cp | tt",
@@ -17,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--sparse-share", type=float, default=0.5,
                    help="share of each layer's budget for the sparse part (lowrank+sparse)")
     p.add_argument("--out", required=True, help="allocation YAML to write")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, out_kind="file")
 
 
 def run(args) -> int:

@@ -23,27 +23,29 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def run(args) -> int:
+def compress(model, size, allocation: str, input_size, data: str | None, calib: int | None,
+             seed: int | None):
+    """What `apply` does before exporting (shared with `finetune`): (compressed model,
+    allocation, inventory, the data bundle when ``data`` is given, else None)."""
     import autohybrid as ah
     from autohybrid.apply import model_inventory
 
-    model, size = load_model(args)
-    alloc = ah.Allocation.load(args.allocation)
-    if args.input_size:
+    alloc = ah.Allocation.load(allocation)
+    if input_size:
         alloc.model["input_size"] = list(size)
     inv = model_inventory(model, alloc)
-    calibration = None
-    if args.data:
+    calibration = bundle = None
+    if data:
         from autohybrid.data import as_tensors, load_data
 
         recorded = alloc.meta.get("calibration") or {}
-        n = args.calib if args.calib is not None else int(recorded.get("n") or 1024)
-        seed = args.seed if args.seed is not None else int(recorded.get("seed") or 0)
+        n = calib if calib is not None else int(recorded.get("n") or 1024)
+        seed = seed if seed is not None else int(recorded.get("seed") or 0)
         if n < 1:
             raise ConfigError(f"--calib {n}: give a positive number of calibration images")
-        data = load_data(args.data, model, input_size=inv.input_size)
-        calibration = as_tensors(data.calibration(n, seed=seed))[0]
-        print(f"data fit on {len(calibration)} calibration images of {args.data} (seed {seed})")
+        bundle = load_data(data, model, input_size=inv.input_size)
+        calibration = as_tensors(bundle.calibration(n, seed=seed))[0]
+        print(f"data fit on {len(calibration)} calibration images of {data} (seed {seed})")
     elif any(s.fit == "data" for s in alloc.layers.values()):
         print("note: the allocation asks for fit: data; without --data its layers get the "
               "weight fit")
@@ -57,14 +59,23 @@ def run(args) -> int:
         recalibrate_bn(small, TensorDataset(x, x.new_zeros(len(x))), batches=None,
                        progress=False)
         print("BatchNorm statistics re-estimated on the calibration images, as the search chose")
-    out = ah.export(small, alloc, args.out)
-    if args.onnx:
-        ah.export_onnx(small, Path(out) / "model.onnx", inv.input_size)
     errors = small.autohybrid_errors
     worst = max(errors.items(), key=lambda kv: kv[1]) if errors else ("-", 0.0)
     kind = "output" if calibration is not None else "weight"
     print(f"compressed {len(errors)} layers (worst relative {kind} error {worst[1]:.3f} at "
           f"{worst[0]})")
+    return small, alloc, inv, bundle
+
+
+def run(args) -> int:
+    import autohybrid as ah
+
+    model, size = load_model(args)
+    small, alloc, inv, _ = compress(model, size, args.allocation, args.input_size, args.data,
+                                    args.calib, args.seed)
+    out = ah.export(small, alloc, args.out)
+    if args.onnx:
+        ah.export_onnx(small, Path(out) / "model.onnx", inv.input_size)
     print(f"counted: {alloc.cost(inv)}")
     print(f"wrote {out}/")
     return 0

@@ -5,10 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from autohybrid.cli import allocate, apply, evaluate, inventory, pareto, search, sensitivity
+from autohybrid.cli import (
+    allocate,
+    apply,
+    evaluate,
+    finetune,
+    inventory,
+    pareto,
+    search,
+    sensitivity,
+)
+from autohybrid.cli.common import check_out_args
 from autohybrid.exceptions import AutohybridError
 
-SUBCOMMANDS = [search, pareto, inventory, sensitivity, allocate, apply, evaluate]
+SUBCOMMANDS = [search, pareto, inventory, sensitivity, allocate, apply, finetune, evaluate]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        check_out_args(args)  # an --out that cannot be written fails before any work
         return args.func(args) or 0
     except AutohybridError as e:
         print(f"autohybrid {args.command}: error: {e}", file=sys.stderr)

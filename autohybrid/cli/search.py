@@ -14,6 +14,8 @@ def register(sub) -> None:
     p.add_argument("--metric", help="params (default) or flops")
     p.add_argument("--model", help="timm model name (default: the built-in demo)")
     p.add_argument("--checkpoint")
+    p.add_argument("--random-init", action="store_true",
+                   help="search a --model without --checkpoint (random weights)")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
@@ -63,10 +65,10 @@ FLAGS = ("budget", "metric", "model", "checkpoint", "num_classes", "input_size",
 
 
 def resolve(args) -> SearchConfig:
-    """Defaults < --config file < flags."""
+    """Defaults < the demo's settings (when no model is given) < --config file < flags."""
     from autohybrid.exceptions import BudgetError
 
-    base = SearchConfig.load(args.config).to_dict() if args.config else {}
+    base = SearchConfig.read(args.config) if args.config else {}
     for key in FLAGS:
         v = getattr(args, key, None)
         if v is not None:
@@ -83,11 +85,26 @@ def resolve(args) -> SearchConfig:
         base["screen"] = False
     if args.resume:
         base["resume"] = True
-    return SearchConfig.from_dict(base, "options")
+    cfg = SearchConfig.from_dict(base, "options")  # bad settings fail before any work
+    if cfg.model is None:
+        from autohybrid.config import DEMO_MODEL
+        from autohybrid.demo import demo_settings
+        from autohybrid.progress import console
+
+        console.print(f"[bold]demo[/]: {DEMO_MODEL} trained on scikit-learn digits "
+                      "(no --model given)")
+        given = {k: v for k, v in base.items() if v is not None}
+        cfg = SearchConfig.from_dict({**demo_settings(), **given}, "options")
+    return cfg
 
 
 def run(args) -> int:
+    from autohybrid.cli.common import check_out, check_weights
     from autohybrid.search.run import run_search
 
-    run_search(resolve(args))
+    cfg = resolve(args)
+    check_weights(cfg.model, cfg.checkpoint, args.random_init)
+    if args.out is None:  # from --config or the default; a flag was checked already
+        check_out(cfg.out)
+    run_search(cfg)
     return 0
