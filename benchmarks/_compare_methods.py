@@ -1,7 +1,7 @@
 """The eight allocations that ``compare.py`` puts side by side, each a function of one model
 context and one (metric, budget) cell returning per-layer specs, or None with a reason.
 
-All of them come from the package (warm starts, ``search_level``, ``SearchStudy``) except the
+All of them come from the package (warm starts, ``search_level``, ``run_study``) except the
 global magnitude baseline, which runs ``torch.nn.utils.prune.global_unstructured`` for real and
 only then expresses the resulting masks as an allocation.
 """
@@ -12,8 +12,8 @@ import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
-import optuna
 import pandas as pd
 import torch
 from torch.nn.utils import prune
@@ -25,9 +25,8 @@ from autohybrid.exceptions import BudgetError
 from autohybrid.methods import HYBRID, METHODS, LowRankMethod
 from autohybrid.search import warm_start
 from autohybrid.search.params import ParamSpace, group_layers
-from autohybrid.search.run import smallest_fraction
-from autohybrid.search.study import SearchStudy, pareto_front, trial_layers
-from autohybrid.search.surrogate import Surrogate
+from autohybrid.search.run import SearchSetup, run_study, smallest_fraction
+from autohybrid.search.study import pareto_front, trial_layers
 from autohybrid.search_space import SearchSpace
 from autohybrid.spec import LayerSpec
 from autohybrid.storage import get_storage
@@ -201,24 +200,20 @@ def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None,
                        max_groups=max_groups, data=ctx.data_spec, sampler=sampler,
                        quality=quality, local_search=local_search)
     storage = get_storage(f"sqlite:///{ctx.db(metric, budget, name).resolve()}", ctx.out)
-    identity = {"name": ctx.name, "num_classes": ctx.inv.num_classes,
-                "input_size": list(ctx.size), "kwargs": dict(ctx.inv.model_kwargs)}
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    ss = SearchStudy(cfg, storage, name, ps, ctx.evaluator, Surrogate(df, ctx.inv), identity)
-    ss.open(warm)
-    ss.run()
-    trials = ss.study.get_trials(deepcopy=False)
+    # the package's study stage on this benchmark's own setup (restricted space and table)
+    setup = SearchSetup(cfg, ctx.model, tuple(ctx.size), None, ctx.inv, SimpleNamespace(df=df),
+                        None, ps, ctx.evaluator, warm, storage, name)
+    trials = run_study(setup).get_trials(deepcopy=False)
     front = pareto_front(trials, budget)
     if not front:
         return Result(None, reason="no trial within the budget")
     best = front[0]
-    states = [t.state for t in trials]
     return Result(
         trial_layers(best),
         evaluations=sum("kl" in t.user_attrs for t in trials),
         extra={"trial": best.number, "warm_start": best.user_attrs.get("warm_start"),
                "trials_total": len(trials),
-               "screened": sum(s == optuna.trial.TrialState.PRUNED for s in states),
+               "screened": sum(bool(t.user_attrs.get("screened")) for t in trials),
                "over_budget": sum(bool(t.user_attrs.get("infeasible")) for t in trials),
                "warm_starts": sorted(warm), "groups": len(ps.groups),
                "local_of": best.user_attrs.get("local_of"),
