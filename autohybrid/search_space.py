@@ -1,7 +1,8 @@
 """Search spaces: which layers are compressible and which candidates each layer may take.
 
-Declared per model family in ``search_spaces/*.yaml``, picked from the model name, or given
-with ``--search-space FILE``. A dataclass that round-trips to YAML and rejects unknown keys.
+Declared per model family in ``search_spaces/*.yaml`` (at the repository root, installed as
+the data package ``autohybrid.search_spaces``), picked from the model name, or given with
+``--search-space FILE``. A dataclass that round-trips to YAML and rejects unknown keys.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import hashlib
+import importlib.resources
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +18,47 @@ from pathlib import Path
 import yaml
 
 from autohybrid.config import check_keys
-from autohybrid.exceptions import ConfigError, MethodError
+from autohybrid.exceptions import AutohybridError, ConfigError, MethodError
 from autohybrid.inventory import KINDS, Inventory, LayerInfo
 from autohybrid.methods import HYBRID, METHODS, LowRankMethod, round_rank
 from autohybrid.spec import LayerSpec
 
-__all__ = ["SearchSpace", "load_search_space", "SEARCH_SPACE_DIR", "round_rank"]
+try:
+    from importlib.resources.abc import Traversable
+except ImportError:  # Python 3.10
+    from importlib.abc import Traversable
 
-SEARCH_SPACE_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+__all__ = [
+    "SearchSpace",
+    "load_search_space",
+    "builtin_spaces",
+    "SEARCH_SPACE_DIR",
+    "SearchSpaceMissingError",
+    "round_rank",
+]
+
+SEARCH_SPACE_PACKAGE = "autohybrid.search_spaces"
+
+
+class SearchSpaceMissingError(AutohybridError):
+    """No built-in search space was installed (a broken installation)."""
+
+
+def _search_space_dir() -> Traversable:
+    """Where the built-in spaces are: the installed data package ``autohybrid.search_spaces``
+    (a wheel, or an editable install made with this pyproject), else the source tree's
+    ``search_spaces/`` (an editable install made before that package existed)."""
+    try:
+        root = importlib.resources.files(SEARCH_SPACE_PACKAGE)
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "search_spaces"
+    if not isinstance(root, Path):  # a namespace package (no __init__.py): its folder
+        files = [Path(str(e)) for e in root.iterdir() if e.name.endswith(".yaml")]
+        return files[0].parent if files else root
+    return root
+
+
+SEARCH_SPACE_DIR = _search_space_dir()
 
 
 @dataclass
@@ -140,16 +175,33 @@ class SearchSpace:
         return valid
 
 
-def builtin_spaces() -> dict[str, Path]:
-    return {p.stem: p for p in sorted(SEARCH_SPACE_DIR.glob("*.yaml"))}
+def builtin_spaces() -> dict[str, Traversable]:
+    """The built-in space files by name; ``SearchSpaceMissingError`` if none is installed."""
+    try:
+        entries = list(SEARCH_SPACE_DIR.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        entries = []
+    found = {
+        e.name[: -len(".yaml")]: e
+        for e in sorted(entries, key=lambda e: e.name)
+        if e.name.endswith(".yaml") and e.is_file()
+    }
+    if not found:
+        raise SearchSpaceMissingError(
+            f"no built-in search space found in {SEARCH_SPACE_DIR} (package "
+            f"{SEARCH_SPACE_PACKAGE}); the installation is incomplete: reinstall autohybrid, "
+            "or pass a search space file with --search-space FILE"
+        )
+    return found
 
 
-def read_search_space(path: str | Path) -> SearchSpace:
-    path = Path(path)
+def read_search_space(path: str | Path | Traversable) -> SearchSpace:
+    if isinstance(path, str):
+        path = Path(path)
     if not path.is_file():
         raise ConfigError(f"search space file {str(path)!r} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError:
         raise ConfigError(f"{path}: malformed YAML; fix the file") from None
     return SearchSpace.from_dict(data, source=str(path))
