@@ -173,3 +173,66 @@ def test_cli_apply_with_data_refits_reproducibly(tmp_path, capsys):
     key = f"{names[0]}.values"
     assert all(torch.equal(d1[k], d2[k]) for k in d1)
     assert not torch.equal(d1[key], w[key])
+
+
+def _compress_direct(kwargs, size):
+    """A ViT made with ``timm.create_model`` itself (no ``autohybrid_kwargs``), compressed."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **kwargs)
+    inv = ah.inventory(model.eval(), size)
+    alloc = ah.Allocation.uniform(inv, method=HYBRID, budget=0.5, metric="params")
+    return ah.apply(model, alloc), alloc
+
+
+def test_export_load_timm_model_created_with_kwargs(tmp_path):
+    """Issue 12 item 5: kwargs given to timm.create_model (img_size, depth) are recovered from
+    the model, written to allocation.yaml and used by load; outputs are the same."""
+    small, alloc = _compress_direct({"img_size": 64, "depth": 2}, (3, 64, 64))
+    ah.export(small, alloc, tmp_path)
+    saved = ah.Allocation.load(tmp_path / "allocation.yaml").model
+    assert saved["kwargs"] == {"img_size": 64, "depth": 2}
+    assert saved["preprocessing"]["input_size"] == [3, 64, 64]
+    again = ah.load(tmp_path)
+    assert again.patch_embed.img_size == (64, 64) and len(again.blocks) == 2
+    assert tuple(again.pretrained_cfg["input_size"]) == (3, 64, 64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), small.eval()(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, why",
+    [
+        ({"mlp_ratio": 2.0}, "layer fingerprint"),
+        ({"global_pool": "avg"}, "module fc_norm: Identity vs LayerNorm"),
+        ({"dynamic_img_size": True}, "<model>.dynamic_img_size: False vs True"),
+    ],
+)
+def test_export_refuses_timm_model_whose_kwargs_are_unknown(tmp_path, kwargs, why):
+    from autohybrid.exceptions import ModelError
+
+    small, alloc = _compress_direct({"img_size": 32, "depth": 1, **kwargs}, (3, 32, 32))
+    with pytest.raises(ModelError, match="autohybrid.create_model") as e:
+        ah.export(small, alloc, tmp_path)
+    assert why in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "allocation.yaml").exists()
+    # given the kwargs, it exports and loads
+    small.autohybrid_kwargs = {"img_size": 32, "depth": 1, **kwargs}
+    alloc.model["kwargs"] = small.autohybrid_kwargs
+    ah.export(small, alloc, tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ah.load(tmp_path)(x), small.eval()(x), atol=1e-6, rtol=1e-6)
+
+
+def test_export_warns_when_known_kwargs_leave_an_attribute_different(tmp_path):
+    """A runtime switch set after creation (here fused attention) cannot be rebuilt from
+    kwargs; with the kwargs known that is a warning, not a refusal."""
+    small, alloc = _compress_direct({"img_size": 32, "depth": 1}, (3, 32, 32))
+    small.autohybrid_kwargs = alloc.model["kwargs"] = {"img_size": 32, "depth": 1}
+    attn = small.blocks[0].attn
+    attn.fused_attn = not attn.fused_attn
+    with pytest.warns(UserWarning, match=r"fused_attn.*load\(path, model=\.\.\.\)"):
+        ah.export(small, alloc, tmp_path)
+    assert ah.Allocation.load(tmp_path / "allocation.yaml").model["kwargs"] == {
+        "img_size": 32, "depth": 1}
