@@ -36,9 +36,22 @@ def bar(iterable: Iterable | None = None, *, total: int | None = None, desc: str
     throttled to a line per few percent (``LOG_EVERY``)."""
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)
+    cls = tqdm
     if progress is not False and not interactive():
+        cls = _LogBar
         if total:
             kwargs.update(miniters=max(1, int(total * LOG_EVERY)), mininterval=0)
         else:
             kwargs.update(mininterval=LOG_SECONDS)
-    return tqdm(iterable, total=total, desc=desc, disable=progress is False, **kwargs)
+    return cls(iterable, total=total, desc=desc, disable=progress is False, **kwargs)
+
+
+class _LogBar(tqdm):
+    """A bar in a log: a postfix update waits for the next throttled line instead of
+    writing one of its own (tqdm redraws on every ``set_postfix`` by default)."""
+
+    def set_postfix(self, ordered_dict=None, refresh=False, **kwargs):
+        super().set_postfix(ordered_dict, refresh=False, **kwargs)
+
+    def set_postfix_str(self, s="", refresh=False):
+        super().set_postfix_str(s, refresh=False)
