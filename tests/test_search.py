@@ -9,9 +9,9 @@ from optuna.trial import TrialState
 
 import autohybrid as ah
 from autohybrid.config import SearchConfig
+from autohybrid.exceptions import BudgetError
 from autohybrid.models import create_model
 from autohybrid.search.local import apply_move, moves
-from autohybrid.exceptions import BudgetError
 from autohybrid.search.objective import Evaluator, NumericalError
 from autohybrid.search.params import ParamSpace, group_layers
 from autohybrid.search.run import check_reachable, smallest_fraction, write_front
