@@ -21,6 +21,7 @@ SAMPLERS = ("nsga2", "tpe", "gp")
 BACKENDS = ("optuna", "ray")
 QUALITY_SIGNALS = ("kl", "loss", "disagreement")
 DEMO_MODEL = "mobilenetv3_small_100"
+FINETUNE_BUDGET = 800  # default fine-tune steps of the selection ladder (two CPU cores)
 
 
 def check_keys(cls, d, source: str) -> None:
@@ -68,10 +69,14 @@ class SearchConfig:
     max_groups: int = 24
     screen: bool = True
     local_search: float = 0.3
-    top_k: int = 2
-    finetune_epochs: float = 1.0
-    finetune_steps: int | None = None
+    val: int = 1000  # validation images held out from the training split: every choice
+    candidates: int = 6  # trials the selection stage fine-tunes (successive halving); 0: none
+    eta: int = 3  # halving factor: each rung keeps the top 1/eta for eta times more steps
+    finetune_budget: int | None = None  # fine-tune steps of the whole ladder (default 800)
+    finetune_epochs: float | None = None  # or: the winner's full fine-tune, in epochs ...
+    finetune_steps: int | None = None  # ... or in steps (the ladder's cost follows)
     finetune_lr: float = 3e-4
+    device: str = "auto"  # fine-tunes and validation: auto (a GPU when present) | cpu | cuda
     test_limit: int | None = None
 
     @classmethod
@@ -112,6 +117,10 @@ class SearchConfig:
         d["storage"] = mask_url(d["storage"]) if d["storage"] else None
         return atomic_write_text(path, yaml.safe_dump(d, sort_keys=False))
 
+    def finetune_recipe(self) -> dict:
+        """``FinetuneConfig`` settings of every fine-tune the search runs."""
+        return {"lr": self.finetune_lr, "seed": self.seed}
+
     def validate(self) -> None:
         from autohybrid.allocation import check_budget
         from autohybrid.cost import normalize_metric
@@ -146,5 +155,24 @@ class SearchConfig:
                 or not 0 < self.damp <= 1:
             raise ConfigError(f"damp is the damping relative to mean(diag H), in (0, 1]; got "
                               f"{self.damp!r}")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) \
+                or self.candidates < 0:
+            raise ConfigError(f"candidates must be an integer >= 0 (0: no selection stage), "
+                              f"got {self.candidates!r}")
+        for key in ("val", "finetune_budget", "finetune_steps"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+        if isinstance(self.eta, bool) or not isinstance(self.eta, int) or self.eta < 2:
+            raise ConfigError(f"eta is the halving factor, an integer >= 2; got {self.eta!r}")
+        if self.finetune_epochs is not None and (
+                isinstance(self.finetune_epochs, bool)
+                or not isinstance(self.finetune_epochs, (int, float)) or self.finetune_epochs <= 0):
+            raise ConfigError(f"finetune_epochs must be > 0, got {self.finetune_epochs!r}")
+        if self.finetune_steps is not None and self.finetune_epochs is not None:
+            raise ConfigError("give the winner's fine-tune as finetune_steps or finetune_epochs, "
+                              "not both")
+        if self.finetune_budget is not None and (self.finetune_steps is not None
+                                                 or self.finetune_epochs is not None):
+            raise ConfigError("give --finetune-budget (the whole ladder's steps) or the winner's "
+                              "--finetune-steps / --finetune-epochs, not both: one sets the other")

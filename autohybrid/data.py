@@ -35,7 +35,7 @@ from .exceptions import DataError
 
 __all__ = [
     "ArrayDataset", "DataBundle", "Preprocess", "calibration_subset", "data_config",
-    "load_data", "loader",
+    "load_data", "loader", "Splits", "train_splits",
 ]
 
 SPEC_FORMS = (
@@ -165,6 +165,21 @@ class DataBundle:
         """``n`` training samples for calibration (see ``calibration_subset``)."""
         return calibration_subset(self.train, n, seed)
 
+    def splits(self, calib: int, val: int, seed: int = 0) -> Splits:
+        """The training split cut three ways, disjoint: ``calib`` calibration images (the
+        same as ``calibration(calib, seed)``), ``val`` validation images (every choice is
+        made on them) and the rest for fine-tuning. The test split is only reported."""
+        return train_splits(self.train, calib, val, seed)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Disjoint subsets of one training split (``DataBundle.splits``)."""
+
+    calibration: Subset
+    validation: Subset
+    finetune: Subset
+
 
 # --------------------------------------------------------------------------- entry points
 
@@ -255,6 +270,27 @@ def calibration_subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:
     if index is None:
         index = np.random.default_rng(seed).choice(total, size=n, replace=False)
     return Subset(dataset, sorted(int(i) for i in index))
+
+
+def train_splits(dataset: Dataset, calib: int, val: int, seed: int = 0) -> Splits:
+    """Calibration, validation and fine-tune subsets of ``dataset``, pairwise disjoint.
+    Calibration is ``calibration_subset(dataset, calib, seed)``; validation a sample of the
+    rest stratified by class like it (``seed + 1``); fine-tune everything left."""
+    total = len(dataset)
+    if val < 1:
+        raise DataError(f"validation size must be >= 1, got {val}")
+    if calib + val >= total:
+        raise DataError(
+            f"the training split has {total} images: too few for {calib} calibration + {val} "
+            "validation images and a fine-tune set; lower --calib or --val"
+        )
+    cal = calibration_subset(dataset, calib, seed)
+    rest = np.setdiff1d(np.arange(total), np.asarray(cal.indices, dtype=np.int64))
+    pick = calibration_subset(Subset(dataset, rest.tolist()), val, seed + 1).indices
+    val_index = rest[np.asarray(pick, dtype=np.int64)]
+    tune = np.setdiff1d(rest, val_index)
+    return Splits(cal, Subset(dataset, sorted(int(i) for i in val_index)),
+                  Subset(dataset, [int(i) for i in tune]))
 
 
 def loader(

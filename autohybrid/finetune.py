@@ -45,6 +45,7 @@ __all__ = ["CHECKPOINT_NAME", "FinetuneConfig", "augment", "distill_loss", "fine
 CHECKPOINT_NAME = "finetune_state.pt"
 CONFIG_NAME = "finetune.yaml"
 OPTIMIZERS = ("adamw", "sgd")
+BN_MODES = ("train", "frozen")
 
 
 @dataclass
@@ -72,6 +73,8 @@ class FinetuneConfig:
     crop_padding: int = 4
     flip: bool = True  # random horizontal flip with augment; off for digits and text
     grad_clip: float | None = 5.0  # max gradient norm; None for no clipping
+    bn: str = "train"  # train: BatchNorm in train mode (batch statistics, running stats
+    # updated); frozen: BatchNorm in eval mode (running statistics, affine still trained)
     save_every: int | None = None  # checkpoint every N steps (and every epoch, and at the end)
     seed: int = 0
 
@@ -99,6 +102,8 @@ class FinetuneConfig:
         integer("crop_padding", 0)
         integer("save_every", 1, optional=True)
         integer("seed", 0)
+        if self.bn not in BN_MODES:
+            raise bad("bn", f"use one of {list(BN_MODES)}")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"use one of {list(OPTIMIZERS)}")
         if number("lr") <= 0:
@@ -301,6 +306,7 @@ def finetune(
     progress: bool = True,
     eval_dataset: Dataset | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    stop_at: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``student`` in place against ``teacher`` (frozen) on ``train_dataset``.
 
@@ -316,9 +322,12 @@ def finetune(
         progress: show a progress bar with the loss and ETA.
         eval_dataset: if given, measure the result on it (``evaluate``, teacher as reference).
         on_step: called as ``on_step(step, loss)`` after every step (1-based) and its checkpoint.
+        stop_at: stop after this many steps of the run (checkpointed there); a later call with
+            a larger ``stop_at`` (or none) continues the same run: the learning-rate schedule
+            is always that of the whole run, so stopping and continuing changes nothing.
 
     Returns:
-        ``steps`` (total), ``steps_run`` (by this call), ``resumed_from``, ``steps_per_epoch``,
+        ``steps`` (total), ``step`` (where this call stopped), ``steps_run`` (by this call), ``resumed_from``, ``steps_per_epoch``,
         ``epochs``, ``train_loss`` (mean loss per epoch, the last maybe partial), ``loss`` (its
         last entry), ``seconds`` (this call), ``config``; with ``eval_dataset`` also ``top1``,
         ``eval_loss``, and ``agreement`` / ``kl`` against the teacher.
@@ -338,6 +347,7 @@ def finetune(
     per_epoch = max(1, n // batch_size)
     total = config.steps or max(1, math.ceil(config.epochs * per_epoch - 1e-9))
     save_every = config.save_every or per_epoch
+    until = total if stop_at is None else max(0, min(int(stop_at), total))
     device = _device(student)
     t0 = time.perf_counter()
 
@@ -361,7 +371,7 @@ def finetune(
         _set_rng_state(state["rng"], device, aug_gen)
         step = int(state["step"])
         loss_sums, loss_counts = list(state["loss_sums"]), list(state["loss_counts"])
-        if progress and step < total:
+        if progress and step < until:
             tqdm.write(f"finetune: resuming from {path} at step {step} of {total}")
     elif path is not None:
         atomic_write_text(path.parent / CONFIG_NAME, _yaml(config.to_dict()))
@@ -384,12 +394,13 @@ def finetune(
 
     teacher_mode = teacher.training if teacher is not None else False
     use_teacher = teacher is not None and config.alpha > 0
-    bar = progress_bar(total=total, initial=step, desc="finetune", unit="step", progress=progress)
+    bar = progress_bar(total=until, initial=min(step, until), desc="finetune", unit="step",
+                       progress=progress)
     try:
         if teacher is not None:
             teacher.eval()
-        student.train()
-        while step < total:
+        _train_mode(student, config.bn)
+        while step < until:
             epoch, first = divmod(step, per_epoch)
             order = _epoch_order(n, batch_size, config.seed, epoch)[first * batch_size :]
             batches = _batches(train_dataset, order, batch_size)
@@ -422,11 +433,12 @@ def finetune(
                 if end_of_epoch and step < total:
                     loss_sums.append(0.0)
                     loss_counts.append(0)
-                if path is not None and (step % save_every == 0 or end_of_epoch or step == total):
+                if path is not None and (step % save_every == 0 or end_of_epoch
+                                         or step in (total, until)):
                     checkpoint()
                 if on_step is not None:
                     on_step(step, value)
-                if step >= total:
+                if step >= until:
                     break
     finally:
         bar.close()
@@ -437,6 +449,7 @@ def finetune(
     losses = [s / c for s, c in zip(loss_sums, loss_counts) if c]
     history: dict[str, Any] = {
         "steps": total,
+        "step": step,
         "steps_run": step - resumed_from,
         "resumed_from": resumed_from,
         "steps_per_epoch": per_epoch,
@@ -454,6 +467,15 @@ def finetune(
         if teacher is not None:
             history.update(agreement=result["agreement"], kl=result["kl"])
     return history
+
+
+def _train_mode(model: nn.Module, bn: str) -> None:
+    """Train mode; with ``bn="frozen"`` every BatchNorm stays in eval mode (running stats)."""
+    model.train()
+    if bn == "frozen":
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)):
+                m.eval()
 
 
 def _check_outputs(logits: torch.Tensor, soft: torch.Tensor | None, y: torch.Tensor) -> None:

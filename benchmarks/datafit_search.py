@@ -76,7 +76,7 @@ def run_cell(model: str, family: str, budget: float, s: Settings) -> dict:
     ckpt, size = MODELS[model]
     out = OUT / model / family
     cfg = SearchConfig(model=model, checkpoint=str(ckpt), input_size=size, data=DATA,
-                       budget=budget, calib=s.calib, trials=s.trials, seed=s.seed, top_k=0,
+                       budget=budget, calib=s.calib, trials=s.trials, seed=s.seed, candidates=0,
                        out=str(out), search_space=space_file(model, family, out))
     t0 = time.time()
     run_search(cfg)

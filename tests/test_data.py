@@ -92,6 +92,29 @@ def test_digits_reproducible_and_input_size_override(model, digits) -> None:
     assert load_data(" Digits ", model, input_size=(3, 24, 20)).train[0][0].shape == (3, 24, 20)
 
 
+def test_train_splits_are_disjoint_on_real_cifar10(model) -> None:
+    """Calibration, validation and fine-tune index sets of the real CIFAR-10 training split
+    are pairwise disjoint, cover it, and calibration is the search's calibration sample."""
+    from tests.conftest import shared_path
+
+    data = load_data(f"cifar10:{shared_path('data', 'cifar10')}", model)
+    s = data.splits(1024, 2000, seed=0)
+    cal, val, tune = (set(x.indices) for x in (s.calibration, s.validation, s.finetune))
+    assert len(cal) == 1024 and len(val) == 2000 and len(tune) == 50000 - 3024
+    assert not cal & val and not cal & tune and not val & tune
+    assert cal | val | tune == set(range(50000))
+    assert s.calibration.indices == data.calibration(1024, seed=0).indices
+    assert np.bincount(data.train.targets[s.validation.indices].numpy()).tolist() == [200] * 10
+    again = data.splits(1024, 2000, seed=0)
+    assert again.validation.indices == s.validation.indices
+    assert data.splits(1024, 2000, seed=1).validation.indices != s.validation.indices
+
+
+def test_train_splits_refuse_too_small_a_split(digits) -> None:
+    with pytest.raises(DataError, match="too few .* lower --calib or --val"):
+        digits.splits(len(digits.train) - 10, 10)
+
+
 def test_calibration_subset(digits) -> None:
     a = calibration_subset(digits.train, 100, seed=1)
     assert isinstance(a, Subset) and a.dataset is digits.train and len(a) == 100

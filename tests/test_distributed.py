@@ -57,7 +57,7 @@ def build(out, storage: str | None, trials: int, slow: float = 0.0, **cfg_kwargs
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
     inv = ah.inventory(model, (3, 32, 32))
     cfg = SearchConfig(model="cifar_resnet20", budget=BUDGET, trials=trials, population=4,
-                       seed=0, calib=len(x), top_k=0, out=str(out), storage=storage,
+                       seed=0, calib=len(x), candidates=0, out=str(out), storage=storage,
                        **cfg_kwargs)
     ps = ParamSpace(SPACE, inv, group_layers(SPACE, inv, None, cfg.max_groups, 0), cfg.metric)
     ev = Evaluator(model, inv, x, y, bn_recal=False, batch_size=32)
@@ -182,12 +182,17 @@ def check_no_sentinels(trials: list[FrozenTrial]) -> None:
 
 
 def check_complete(t: FrozenTrial) -> bool:
-    """Every complete trial is evaluated, within the budget and carries every user attr; an
-    infeasible one (parameters that cannot be repaired into the budget, as
-    ``SearchStudy.prepare`` settles them) is pruned with no objective values, never evaluated.
+    """Every evaluated trial is within the budget and carries every user attr; an infeasible
+    one (parameters that cannot be repaired into the budget, as ``SearchStudy.prepare``
+    settles them) is never evaluated: told COMPLETE with its exact cost and the surrogate's
+    predicted quality (flagged), or PRUNED with no values when there is no surrogate.
     True when evaluated."""
     if t.user_attrs.get("infeasible"):
-        assert t.state == TrialState.PRUNED and t.values is None
+        if t.state == TrialState.COMPLETE:
+            assert t.user_attrs["quality_predicted"] and t.values[0] == t.user_attrs["predicted"]
+            assert t.values[1] == t.user_attrs["params_fraction"] > BUDGET
+        else:
+            assert t.state == TrialState.PRUNED and t.values is None
         assert t.user_attrs["constraint"] > 0 and t.constraints[0] > 0
         assert "top1" not in t.user_attrs and "ray_trial" not in t.user_attrs
         return False

@@ -41,7 +41,8 @@ from tests.test_pipeline import SPACE  # the same tiny layer3 space
 REPO = Path(__file__).resolve().parents[1]
 
 LAYERS = 6  # layer3.{0,1,2}.conv{1,2}
-STEPS = 16  # fine-tune steps; digits' 1437 training images make 11 per epoch: a checkpoint at 11
+STEPS = 16  # the winner's fine-tune; 4 candidates halved by 2: rungs at 0, 8 and 16 steps,
+RUNG_STEPS = (0, 8, 16)  # checkpoints every 2 steps (a quarter of the first rung)
 STUDY = "cifar_resnet20-params-0.6"
 
 
@@ -54,7 +55,8 @@ def _common(d: Path, out: Path) -> list[str]:
 
 def _search(d: Path, out: Path) -> list[str]:
     return ["search", *_common(d, out), "--budget", "0.6", "--trials", "10", "--population",
-            "4", "--top-k", "1", "--finetune-steps", str(STEPS)]
+            "4", "--val", "100", "--candidates", "4", "--eta", "2", "--finetune-steps",
+            str(STEPS)]
 
 
 class Run:
@@ -127,7 +129,19 @@ def _mid_trial(out: Path) -> bool:
 
 
 def _checkpoints(out: Path) -> list[Path]:
-    return sorted((out / "finetune").glob(f"trial-*/{CHECKPOINT_NAME}"))
+    return sorted((out / "select").glob(f"trial-*/{CHECKPOINT_NAME}"))
+
+
+def _step(path: Path) -> int | None:
+    try:
+        return torch.load(path, weights_only=True)["step"]
+    except (OSError, RuntimeError, EOFError, KeyError):  # gone, or not yet complete
+        return None
+
+
+def _mid_rung(out: Path) -> bool:
+    """A candidate's fine-tune checkpointed between two rungs' steps."""
+    return any(_step(p) not in (None, *RUNG_STEPS) for p in _checkpoints(out))
 
 
 def _trials(out: Path) -> list[optuna.trial.FrozenTrial]:
@@ -167,12 +181,11 @@ def runs(tmp_path_factory):
             facts["dead"] += [t.number for t in running]
             if any("allocation" in t.user_attrs for t in running):
                 break
-        # 3. during fine-tuning, after a checkpoint
+        # 3. during a rung of the selection, after a checkpoint, with steps of the rung left
         run = Run(_search(d, out), d / "kill-3.log")
-        run.kill_when(lambda: bool(_checkpoints(out)))
+        run.kill_when(lambda: _mid_rung(out))
         facts["log3"] = run.text()  # the rerun that recovered the dead trial
-        facts["ckpt"] = {p.parent.name: torch.load(p, weights_only=True)["step"]
-                         for p in _checkpoints(out)}
+        facts["ckpt"] = {p.parent.name: _step(p) for p in _checkpoints(out)}
         # 4. to the end
         facts["log4"] = Run(_search(d, out), d / "rerun.log").finish()
         facts["ref_log"] = reference.finish()
@@ -243,11 +256,13 @@ def test_killed_in_a_trial_continues_as_the_uninterrupted_search(runs):
     assert len(reference) > dead.number + 2  # the search went on well past the kill
 
 
-def test_killed_in_finetune_resumes_to_identical_weights(runs):
+def test_killed_in_a_rung_resumes_to_the_same_winner_and_weights(runs):
+    """Killed while a candidate fine-tunes within a rung, the rerun continues that fine-tune
+    from its checkpoint and ends with the uninterrupted run's winner, bit for bit."""
     out, ref = runs["out"], runs["ref"]
-    (trial, step), = runs["ckpt"].items()
+    (trial, step), = [(t, s) for t, s in runs["ckpt"].items() if s not in RUNG_STEPS]
     assert 1 <= step < STEPS  # killed with steps left after a checkpoint
-    assert f"finetune: resuming from {out / 'finetune' / trial / CHECKPOINT_NAME} at step " \
+    assert f"finetune: resuming from {out / 'select' / trial / CHECKPOINT_NAME} at step " \
            f"{step} of {STEPS}" in runs["log4"]
     assert "finetune: resuming" not in runs["ref_log"]
     front, ref_front = pd.read_csv(out / "pareto.csv"), pd.read_csv(ref / "pareto.csv")
@@ -255,7 +270,7 @@ def test_killed_in_finetune_resumes_to_identical_weights(runs):
     pd.testing.assert_frame_equal(front.drop(columns=numbered),
                                   ref_front.drop(columns=numbered))
     tuned = front.dropna(subset=["model"])
-    assert len(tuned) == 1 and f"models/{trial}" == tuned.model.iloc[0]
+    assert len(tuned) == 1 and tuned.returned.all()
     for a, b in zip(front.model.dropna(), ref_front.model.dropna()):
         weights, ref_weights = load_file(out / a / WEIGHTS), load_file(ref / b / WEIGHTS)
         assert weights.keys() == ref_weights.keys()

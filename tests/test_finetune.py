@@ -235,6 +235,44 @@ def test_resume_after_interruption_gives_identical_weights(optimizer, digits, tm
     assert again["steps_run"] == 0 and again["train_loss"] == full["train_loss"]
 
 
+def test_stop_at_then_continue_is_one_uninterrupted_run(digits, tmp_path) -> None:
+    """Fine-tunes stopped at a rung and continued later (successive halving) end with the
+    weights of one uninterrupted run: the schedule is the whole run's at every step."""
+    train = Subset(digits.train, range(200))
+    teacher = cnn(1)
+    config = FinetuneConfig(steps=14, batch_size=32, lr=0.01, crop_padding=2)
+    reference = cnn(2, dropout=0.3)
+    full = finetune(reference, teacher, train, config, progress=False)
+    for stop in (0, 3, 9):
+        student = cnn(2, dropout=0.3)
+        part = finetune(student, teacher, train, config, tmp_path, progress=False, stop_at=stop)
+        assert part["step"] == stop
+    last = cnn(5, dropout=0.3)
+    rest = finetune(last, teacher, train, config, tmp_path, progress=False)
+    assert rest["resumed_from"] == 9 and rest["step"] == 14
+    assert rest["train_loss"] == full["train_loss"]
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, last.state_dict()[key]), key
+
+
+def test_frozen_batchnorm_keeps_the_dense_model_under_pure_distillation(digits) -> None:
+    """A student equal to its teacher, distilled only (alpha 1) with BatchNorm frozen, sees
+    (to rounding) zero gradient: the dense control is left as it was."""
+    train = Subset(digits.train, range(96))
+    teacher = cnn(1).eval()
+    student = copy.deepcopy(teacher)
+    config = FinetuneConfig(steps=3, batch_size=32, lr=0.01, alpha=1.0, bn="frozen",
+                            optimizer="sgd", **DIGITS)  # Adam would blow rounding up
+    finetune(student, teacher, train, config, progress=False)
+    for key, value in teacher.state_dict().items():
+        assert torch.allclose(student.state_dict()[key].float(), value.float(), atol=1e-6), key
+    moved = copy.deepcopy(teacher)
+    finetune(moved, teacher, train, FinetuneConfig(steps=3, batch_size=32, lr=0.01, alpha=1.0,
+                                                   optimizer="sgd", **DIGITS), progress=False)
+    assert any(not torch.equal(moved.state_dict()[k], v)
+               for k, v in teacher.state_dict().items())  # train-mode BN does move it
+
+
 def test_resume_refuses_a_checkpoint_from_another_run(digits, tmp_path) -> None:
     train = Subset(digits.train, range(64))
     config = FinetuneConfig(steps=2, batch_size=32, **DIGITS)

@@ -44,7 +44,7 @@ def run(tmp_path_factory):
     (d / "space.yaml").write_text(SPACE)
     cfg = SearchConfig(model="cifar_resnet20", checkpoint=str(ckpt), data="digits",
                        input_size=[3, 32, 32], budget=0.6, trials=5, population=4, calib=64,
-                       batch_size=64, top_k=1, finetune_steps=2,
+                       batch_size=64, val=100, candidates=3, finetune_steps=4,
                        search_space=str(d / "space.yaml"), out=str(d / "out"))
     out = run_search(cfg)
     return cfg, out, ckpt
@@ -78,20 +78,37 @@ def test_printed_front_is_a_line_a_trial_on_80_columns(run):
     body = [line for line in console.export_text().splitlines() if line.startswith("│")]
     assert len(body) == len(rows)
     assert "move from 7" in body[-1] and "conv_reduce" not in body[-1]
-    assert all(line.split("│")[1].strip() == str(r["trial"]) for line, r in zip(body, rows))
+    assert all(line.split("│")[1].strip().rstrip("*") == str(r["trial"])
+               for line, r in zip(body, rows))
     front = pd.read_csv(out / "pareto.csv")
     assert front.origin.notna().all()  # the whole origin stays in the CSV
 
 
-def test_front_is_ranked_by_the_refit_score_and_its_first_fine_tuned(run):
-    """Every front trial is refit sequentially and scored again on the calibration set; the
-    front is ranked by that score (``kl_fitted``) and the top-K of it are fine-tuned."""
+def test_candidates_are_halved_on_validation_and_one_is_returned(run):
+    """Every candidate is refit sequentially and scored on the validation split at rung 0;
+    each rung keeps the top 1/eta by validation top-1; one, fine-tuned in full, is returned
+    and tested. The stage is an Optuna study in the search's storage."""
+    import optuna
+
     cfg, out, _ = run
     front = pd.read_csv(out / "pareto.csv")
-    assert front.kl_fitted.notna().all() and front.bn_recal.notna().all()
-    assert list(front.kl_fitted) == sorted(front.kl_fitted)
-    tuned = front.test_top1_after.notna().tolist()
-    assert tuned == [i < cfg.top_k for i in range(len(front))]
+    rungs = [c for c in front if c.startswith("val_top1_step_")]
+    assert rungs[0] == "val_top1_step_0" and rungs[-1] == f"val_top1_step_{cfg.finetune_steps}"
+    assert len(front) >= cfg.candidates and front.bn_recal.notna().all()
+    assert front[rungs[0]].notna().all()
+    assert front.returned.sum() == 1 and front.test_top1_after.notna().sum() == 1
+    won = front[front.returned].iloc[0]
+    assert won[rungs].notna().all() and isinstance(won.model, str)
+    for a, b in zip(rungs, rungs[1:]):  # survivors of a rung: its best by validation
+        entered = front[front[a].notna()]
+        kept = entered[entered[b].notna()]
+        assert len(kept) == max(1, len(entered) // cfg.eta)
+        assert kept[a].min() >= entered[~entered.index.isin(kept.index)][a].max()
+    stage = optuna.load_study(study_name="cifar_resnet20-params-0.6:select",
+                              storage=f"sqlite:///{out / 'study.db'}")
+    assert len(stage.trials) == len(front)
+    assert sorted(t.state.name for t in stage.trials) == sorted(
+        ["COMPLETE"] + ["PRUNED"] * (len(front) - 1))
     alloc = ah.Allocation.load(out / front.allocation[0])
     assert alloc.meta["fit"]["sequential"] and alloc.meta["calibration"]["n"] == cfg.calib
     assert all(s.fit == "data" for s in alloc.layers.values())

@@ -42,7 +42,7 @@ def make_study(parts, tmp_path, budget=0.6, trials=6, seed=0, storage=None, eval
                local_search=0.3):
     model, inv, x, y, table = parts
     cfg = SearchConfig(model="cifar_resnet20", budget=budget, trials=trials, population=4,
-                       seed=seed, calib=len(x), top_k=0, out=str(tmp_path),
+                       seed=seed, calib=len(x), candidates=0, out=str(tmp_path),
                        local_search=local_search)
     groups = group_layers(SPACE, inv, table.df, cfg.max_groups, seed)
     ps = ParamSpace(SPACE, inv, groups, cfg.metric)

@@ -49,10 +49,23 @@ def register(sub) -> None:
     p.add_argument("--local-search", type=float, metavar="SHARE",
                    help="share of --trials spent on one-layer moves around the best trial "
                    "(default 0.3; 0 turns it off)")
-    p.add_argument("--top-k", type=int, help="Pareto trials to fine-tune (default 2)")
-    p.add_argument("--finetune-epochs", type=float)
-    p.add_argument("--finetune-steps", type=int)
+    p.add_argument("--val", type=int, help="validation images held out from the training "
+                   "split; the candidates are chosen on them (default 1000)")
+    p.add_argument("--candidates", type=int, help="trials fine-tuned by successive halving "
+                   "(default 6: the best near the budget, one per method family, the warm "
+                   "starts)")
+    p.add_argument("--eta", type=int, help="halving factor: each rung keeps the top 1/eta "
+                   "for eta times more fine-tune steps (default 3)")
+    p.add_argument("--finetune-budget", type=int, metavar="STEPS",
+                   help="fine-tune steps of the whole halving ladder (default 800); the "
+                   "winner gets the longest full fine-tune that fits")
+    p.add_argument("--finetune-epochs", type=float,
+                   help="the winner's full fine-tune in epochs (instead of --finetune-budget)")
+    p.add_argument("--finetune-steps", type=int,
+                   help="the winner's full fine-tune in steps (instead of --finetune-budget)")
     p.add_argument("--finetune-lr", type=float)
+    p.add_argument("--device", help="fine-tunes and validation: auto (default: a GPU when "
+                   "present) | cpu | cuda")
     p.add_argument("--test-limit", type=int, help="evaluate on the first N test samples")
     p.set_defaults(func=run)
 
@@ -60,8 +73,9 @@ def register(sub) -> None:
 FLAGS = ("budget", "metric", "model", "checkpoint", "num_classes", "input_size", "data",
          "search_space", "out", "storage", "study_name", "sampler", "backend", "ray_address",
          "concurrency", "trials", "population", "seed", "calib", "batch_size", "bn_recal",
-         "quality", "fit", "damp", "saliency", "max_groups", "local_search", "top_k",
-         "finetune_epochs", "finetune_steps", "finetune_lr", "test_limit")
+         "quality", "fit", "damp", "saliency", "max_groups", "local_search", "val",
+         "candidates", "eta", "finetune_budget", "finetune_epochs", "finetune_steps",
+         "finetune_lr", "device", "test_limit")
 
 
 def resolve(args) -> SearchConfig:

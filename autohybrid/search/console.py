@@ -69,10 +69,10 @@ class TrialProgress:
 
 
 def _outcome(t, cfg: SearchConfig) -> str:
-    if t.state == TrialState.COMPLETE:
-        return f"{cfg.quality} {t.values[0]:.4g}, {cfg.metric} {t.values[1]:.3f}"
     if t.user_attrs.get("infeasible"):
         return "over the budget, not evaluated"
+    if t.state == TrialState.COMPLETE:
+        return f"{cfg.quality} {t.values[0]:.4g}, {cfg.metric} {t.values[1]:.3f}"
     if t.user_attrs.get("screened"):
         return "screened by the surrogate"
     if t.state == TrialState.FAIL:
@@ -87,26 +87,28 @@ def _short_origin(text: str) -> str:
 
 
 def print_front(rows: list[dict], out=None) -> None:
-    """The front as a table, a row a line on an 80-column console: short headers, and where a
-    trial came from in short (the warm start's name, "sampled", or the trial a local move
-    started from; pareto.csv has the whole origin). ``out``: a rich console (default
+    """The candidates as a table, a row a line on an 80-column console: short headers, and
+    where a trial came from in short (the warm start's name, "sampled", or the trial a local
+    move started from; pareto.csv has the whole origin). ``out``: a rich console (default
     stderr's)."""
     from rich.table import Table
 
-    table = Table(title="Pareto front (within budget)",
-                  caption="top-1 %: calib = calibration set (as handed on: refit, BN "
-                          "chosen); before / after = test split, before / after fine-tuning")
-    for col in ("trial", "params", "MACs", "calib", "before", "after", "from"):
+    steps = sorted(int(k.rsplit("_", 1)[1]) for k in (rows[0] if rows else {})
+                   if k.startswith("val_top1_step_"))
+    table = Table(title="Candidates (within budget), halved on the validation split",
+                  caption="top-1 %: val N = validation after N fine-tune steps; test = test "
+                          "split after the full fine-tune (the one returned, *)")
+    cols = ["trial", "params", "MACs", *(f"val {s}" for s in steps), "test", "from"]
+    for col in cols:
         table.add_column(col, no_wrap=True, justify="left" if col == "from" else "right")
 
-    def pct(v) -> str:  # "-": not measured (not fine-tuned: only the top --top-k are)
+    def pct(v) -> str:  # "-": not measured (pruned before that rung; only the winner tested)
         return "-" if v is None or v != v else f"{v:.2f}"
 
     for r in rows:
         table.add_row(
-            str(r["trial"]), f"{r['params_fraction']:.3f}", f"{r['macs_fraction']:.3f}",
-            pct(r.get("top1_calibration_fitted", r.get("top1_calibration"))),
-            pct(r.get("test_top1_before")),
+            f"{r['trial']}{'*' if r.get('returned') else ''}", f"{r['params_fraction']:.3f}",
+            f"{r['macs_fraction']:.3f}", *(pct(r.get(f"val_top1_step_{s}")) for s in steps),
             pct(r.get("test_top1_after")), _short_origin(r.get("origin", "")),
         )
     (out or console).print(table)

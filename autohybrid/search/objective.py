@@ -146,10 +146,13 @@ def score_model(small: nn.Module, images, labels, reference, batch_size: int = 2
 def score_with_bn_choice(
     small: nn.Module, images, labels, reference, bn_recal: bool | str = "choose",
     recal_images: int = 256, batch_size: int = 256, quality: str = "kl",
+    recal_with: torch.Tensor | None = None,
 ) -> dict:
-    """Score ``small`` as built and, where it has BatchNorm and ``bn_recal`` is ``"choose"``
-    or on, after re-estimating its statistics on the first ``recal_images`` calibration images;
-    keep (in ``small`` too) the better by ``quality``. ``bn_recal`` in the result: which."""
+    """Score ``small`` on ``images`` as built and, where it has BatchNorm and ``bn_recal`` is
+    ``"choose"`` or on, after re-estimating its statistics on the first ``recal_images`` of
+    ``recal_with`` (default: ``images``; the selection stage scores on validation images and
+    recalibrates on calibration ones); keep (in ``small`` too) the better by ``quality``.
+    ``bn_recal`` in the result: which."""
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in small.modules())
     plain = None
     if bn_recal is not True or not has_bn:
@@ -157,7 +160,7 @@ def score_with_bn_choice(
         if bn_recal is False or not has_bn:
             return {**plain, "bn_recal": False}
     before = copy.deepcopy(small.state_dict()) if plain is not None else None
-    x = images[:recal_images]
+    x = (images if recal_with is None else recal_with)[:recal_images]
     recalibrate_bn(small, torch.utils.data.TensorDataset(x, torch.zeros(len(x))),
                    batches=None, batch_size=batch_size, progress=False)
     try:

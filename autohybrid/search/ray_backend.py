@@ -214,7 +214,7 @@ class StudySearcher(Searcher):
             trial = ss.ask()
             prepared = ss.prepare(trial)
             if isinstance(prepared, Settled):
-                ss.record(prepared.number)
+                ss.settle(prepared)
                 continue
             trial.set_user_attr("ray_trial", trial_id)
             self.numbers[trial_id] = prepared.number

@@ -16,7 +16,7 @@ from autohybrid.io import atomic_write_text
 from autohybrid.report import html_page, save_figure, sensitivity_heatmap, svg
 from autohybrid.search.study import pareto_front, trial_layers, within_budget
 
-__all__ = ["write_search_report", "pareto_figure", "allocation_figure"]
+__all__ = ["write_search_report", "pareto_figure", "allocation_figure", "halving_figure"]
 
 
 def pareto_figure(study, budget: float, quality: str, metric: str):
@@ -74,13 +74,40 @@ def allocation_figure(trial, inv):
     return fig
 
 
+def halving_figure(df: pd.DataFrame):
+    """The halving ladder: validation top-1 vs fine-tune steps, a line per candidate, ending
+    at the rung it was pruned at; the one returned drawn bold."""
+    steps = sorted(int(c.rsplit("_", 1)[1]) for c in df if c.startswith("val_top1_step_"))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for _, r in df.iterrows():
+        pts = [(s, r[f"val_top1_step_{s}"]) for s in steps
+               if r[f"val_top1_step_{s}"] == r[f"val_top1_step_{s}"]]  # not NaN
+        if not pts:
+            continue
+        won = bool(r.get("returned"))
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", lw=2.5 if won else 1,
+                c="#d62728" if won else None, alpha=1 if won else 0.7, zorder=3 if won else 2,
+                label=f"trial {int(r['trial'])} ({r.get('family', '')})"
+                + (": returned" if won else ""))
+    if steps and steps[-1] > 10 * max(steps[1:2] or [1]):
+        ax.set_xscale("symlog", linthresh=max(1, steps[1] if len(steps) > 1 else 1))
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.set_xlabel("fine-tune steps")
+    ax.set_ylabel("validation top-1 (%)")
+    ax.set_title("Selection: successive halving over fine-tune steps")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def _summary(trials, cfg) -> str:
     """One sentence: what was searched and what became of the trials."""
     n = {s: sum(t.state == s for t in trials) for s in TrialState}
     over = sum(bool(t.user_attrs.get("infeasible")) for t in trials)
     screened = sum(bool(t.user_attrs.get("screened")) for t in trials)
-    parts = [f"{n[TrialState.COMPLETE]} evaluated"]
-    parts += [f"{k} {v}" for k, v in (("over the budget (not evaluated)", over),
+    parts = [f"{n[TrialState.COMPLETE] - over} evaluated"]
+    parts += [f"{k} {v}" for k, v in (("over the budget (not evaluated: quality predicted by "
+                                       "the surrogate)", over),
                                       ("screened out by the surrogate", screened),
                                       ("failed", n[TrialState.FAIL]),
                                       ("still running", n[TrialState.RUNNING])) if v]
@@ -90,26 +117,42 @@ def _summary(trials, cfg) -> str:
             "images.")
 
 
+def _selection_summary(df: pd.DataFrame, lad) -> str:
+    won = df[df.returned.astype(bool)] if "returned" in df else df.iloc[:0]
+    text = (f"{len(df)} candidates fine-tuned by successive halving (eta {lad.eta}): rungs at "
+            f"{', '.join(map(str, lad.steps))} fine-tune steps, {lad.cost} steps in all, "
+            "each rung keeping the best by validation top-1.")
+    if len(won):
+        r = won.iloc[0]
+        text += (f" Returned: trial {int(r.trial)}, validation top-1 "
+                 f"{r[f'val_top1_step_{lad.full}']:.2f} % after {lad.full} steps, test top-1 "
+                 f"{r.test_top1_after:.2f} % (before fine-tuning {r.test_top1_before:.2f} %).")
+    return text
+
+
 QUALITY_NAMES = {"kl": "KL divergence to the dense model", "loss": "cross-entropy loss",
                  "disagreement": "disagreement with the dense model"}
 FRONT_COLUMNS = {  # pareto.csv column -> (heading, format)
     "trial": ("Trial", "{:.0f}"), "params_fraction": ("Params kept", "{:.1%}"),
-    "macs_fraction": ("MACs kept", "{:.1%}"), "top1_calibration_fitted":
-    ("Top-1 calibration (%)", "{:.2f}"), "test_top1_before": ("Top-1 test, before "
-    "fine-tune (%)", "{:.2f}"), "test_top1_after": ("Top-1 test, after fine-tune (%)",
-    "{:.2f}"), "bn_recal": ("BN recalibrated", "{}"), "origin": ("From", "{}"),
+    "macs_fraction": ("MACs kept", "{:.1%}"), "family": ("Methods", "{}"),
+    "top1_calibration": ("Top-1 calibration (%)", "{:.2f}"),
+    "test_top1_before": ("Top-1 test, before fine-tune (%)", "{:.2f}"),
+    "returned": ("Returned", "{}"),
+    "test_top1_after": ("Top-1 test, after fine-tune (%)", "{:.2f}"),
+    "bn_recal": ("BN recalibrated", "{}"), "origin": ("From", "{}"),
     "allocation": ("Allocation file", "{}"), "model": ("Exported model", "{}"),
 }
 
 
 def front_table(df: pd.DataFrame, quality: str) -> str:
-    """The front as a table for people: headings in words, fractions as percentages,
-    accuracies to two decimals; the quality score after the refit, in its own words."""
+    """The candidates as a table for people: headings in words, fractions as percentages,
+    accuracies to two decimals, the validation top-1 at every rung of the halving."""
     cols = dict(FRONT_COLUMNS)
-    fitted = f"{quality}_fitted" if f"{quality}_fitted" in df else quality
-    cols = {"trial": cols.pop("trial"), fitted: (
+    rungs = {c: (f"Top-1 validation after {c.rsplit('_', 1)[1]} steps (%)", "{:.2f}")
+             for c in df if c.startswith("val_top1_step_")}
+    cols = {"trial": cols.pop("trial"), quality: (
         f"{quality.upper() if quality == 'kl' else quality.capitalize()} (calibration)",
-        "{:.4f}"), **cols}
+        "{:.4f}"), **rungs, **cols}
     shown = [c for c in cols if c in df]
 
     def cell(v, fmt: str) -> str:
@@ -126,7 +169,7 @@ def front_table(df: pd.DataFrame, quality: str) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
-def write_search_report(study, out: str | Path, cfg, table, inv) -> Path:
+def write_search_report(study, out: str | Path, cfg, table, inv, lad=None) -> Path:
     out = Path(out)
     trials = study.get_trials(deepcopy=False)
     front = pareto_front(trials, cfg.budget)
@@ -137,10 +180,15 @@ def write_search_report(study, out: str | Path, cfg, table, inv) -> Path:
     sections = []
     sections.append(("Summary", f"<p>{html.escape(_summary(trials, cfg))}</p>"))
     pareto_csv = out / "pareto.csv"
-    if pareto_csv.is_file():
-        sections.append(("Pareto front", front_table(pd.read_csv(pareto_csv), cfg.quality)))
+    if pareto_csv.is_file() and pareto_csv.stat().st_size > 1:
+        df = pd.read_csv(pareto_csv)
+        if lad is not None:
+            sections.append(("Selection", f"<p>{html.escape(_selection_summary(df, lad))}</p>"))
+        sections.append(("Candidates", front_table(df, cfg.quality)))
+        if any(c.startswith("val_top1_step_") for c in df):
+            figs = {"halving.png": halving_figure(df), **figs}
     titles = {"pareto.png": "Quality vs cost", "allocation.png": "Best allocation per layer",
-              "sensitivity_heatmap.png": "Sensitivity"}
+              "sensitivity_heatmap.png": "Sensitivity", "halving.png": "Halving ladder"}
     for name, fig in figs.items():
         save_figure(fig, out / name)
         sections.append((titles[name], svg(fig)))

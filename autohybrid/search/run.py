@@ -1,10 +1,11 @@
-"""``autohybrid search``: model -> sensitivity -> study -> Pareto front -> fine-tune -> export.
+"""``autohybrid search``: model -> sensitivity -> study -> candidates -> halving -> export.
 
 Each stage is a function that reads and writes files in ``cfg.out``, so it can be rerun or
 called alone (``benchmarks/`` do): ``setup_search`` (statistics, sensitivity), ``run_study``
-(``study.db``), ``write_front`` (``allocations/``), ``finetune_front`` (``models/``),
-``write_pareto`` (``pareto.csv``) and ``write_search_report`` (``report.html``). Every stage
-skips what a rerun finds done, so an interrupted search resumes where it stopped.
+(``study.db``), ``write_front`` (``allocations/``), ``run_selection`` (the candidates halved
+over fine-tune steps on the validation split, the winner in ``models/``), ``write_pareto``
+(``pareto.csv``) and ``write_search_report`` (``report.html``). Every stage skips what a
+rerun finds done, so an interrupted search resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from autohybrid.inventory import inventory, model_input_size
 from autohybrid.io import atomic_path, atomic_write_text, remove_stale_temps
 from autohybrid.progress import console
 from autohybrid.search.console import TrialProgress, print_front
-from autohybrid.search.objective import Evaluator, score_with_bn_choice
+from autohybrid.search.objective import Evaluator
 from autohybrid.search.params import LEVELS, MIN_SCALE, ParamSpace, group_layers
+from autohybrid.search.select import Ladder, Selection, candidate_pool, ladder_of, search_row
 from autohybrid.search.study import (
     SearchStudy,
     fit_meta,
@@ -42,8 +44,8 @@ from autohybrid.sensitivity import sensitivity
 from autohybrid.stats import input_stats
 from autohybrid.storage import get_storage, mask_url
 
-__all__ = ["run_search", "setup_search", "run_study", "write_front", "finetune_front",
-           "write_pareto", "load_model", "SearchSetup", "smallest_fraction"]
+__all__ = ["run_search", "setup_search", "run_study", "write_front", "write_allocations",
+           "run_selection", "write_pareto", "load_model", "SearchSetup", "smallest_fraction"]
 
 def smallest_fraction(ps: ParamSpace) -> float:
     """The cheapest model the search space can build (every layer at its cheapest)."""
@@ -70,6 +72,7 @@ class SearchSetup:
     model: torch.nn.Module
     size: tuple[int, int, int]
     data: object  # DataBundle
+    splits: object  # data.Splits: calibration, validation, fine-tune
     inv: object  # Inventory
     table: object  # SensitivityTable
     stats: dict | None
@@ -78,6 +81,14 @@ class SearchSetup:
     warm: dict
     storage: optuna.storages.BaseStorage
     study_name: str
+
+    @property
+    def test(self):
+        """The test split (its first ``cfg.test_limit`` images when set): reported only."""
+        test = self.data.test
+        if self.cfg.test_limit:
+            test = torch.utils.data.Subset(test, range(min(self.cfg.test_limit, len(test))))
+        return test
 
     @property
     def identity(self) -> dict:
@@ -129,7 +140,8 @@ def setup_search(cfg: SearchConfig) -> SearchSetup:
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)  # half-written files of a killed earlier run
     cfg.save(out / "config.yaml")
-    x, y = as_tensors(data.calibration(cfg.calib, seed=cfg.seed))
+    splits = data.splits(cfg.calib, cfg.val, seed=cfg.seed)
+    x, y = as_tensors(splits.calibration)
     fit = fit_meta(cfg)
     layers = [la.name for la in space.compressible(inv)]
     key = {"data": cfg.data, "seed": cfg.seed}
@@ -149,8 +161,8 @@ def setup_search(cfg: SearchConfig) -> SearchSetup:
                           cfg.batch_size, stats=stats, fit=fit, quality=cfg.quality)
     warm = warm_starts(ps, table.df, model, cfg.budget, stats)
     study_name = cfg.study_name or f"{cfg.model}-{cfg.metric}-{cfg.budget:g}"
-    return SearchSetup(cfg, model, size, data, inv, table, stats, ps, evaluator, warm, storage,
-                       study_name)
+    return SearchSetup(cfg, model, size, data, splits, inv, table, stats, ps, evaluator, warm,
+                       storage, study_name)
 
 
 def run_study(setup: SearchSetup) -> optuna.Study:
@@ -184,13 +196,10 @@ def run_search(cfg: SearchConfig) -> Path:
     out = Path(cfg.out)
     setup = setup_search(cfg)
     study = run_study(setup)
-    front = write_front(study, out, cfg.budget)
-    console.rule(f"fit and fine-tune the best {min(cfg.top_k, len(front))} of {len(front)} "
-                 "Pareto trials")
-    rows = finetune_front(cfg, study, front, setup.model, setup.data, out, setup.inv,
-                          setup.evaluator)
+    write_front(study, out, cfg.budget)
+    rows, lad = run_selection(setup, study)
     write_pareto(rows, out)
-    write_search_report(study, out, cfg, setup.table, setup.inv)
+    write_search_report(study, out, cfg, setup.table, setup.inv, lad)
     console.print(f"done in {time.time() - t0:.0f} s: {out}/pareto.csv, {out}/report.html")
     print_front(rows)
     return out
@@ -212,9 +221,16 @@ def _storage_name(cfg, out):
 def write_front(study: optuna.Study, out: Path, budget: float | None) -> list:
     """allocations/trial-NNNN.yaml for every Pareto trial of ``study``."""
     front = pareto_front(study.get_trials(deepcopy=False), budget)
+    write_allocations(study, front, out)
+    return front
+
+
+def write_allocations(study: optuna.Study, trials: list, out: Path) -> None:
+    """allocations/trial-NNNN.yaml for each of ``trials``: the allocation file a user
+    re-applies (with the data fit's settings and calibration sample, when data-fitted)."""
     attrs = study.user_attrs
     fit = dict(attrs.get("fit") or {"mode": "weights"})
-    for t in front:
+    for t in trials:
         layers = trial_layers(t)
         meta_fit = {}
         if fit.get("mode") == "data":
@@ -233,103 +249,31 @@ def write_front(study: optuna.Study, out: Path, budget: float | None) -> list:
                   "bn_recal": t.user_attrs.get("bn_recal"), **meta_fit},
         )
         alloc.save(out / "allocations" / f"trial-{t.number:04d}.yaml")
-    return front
 
 
-def finetune_front(cfg, study, front, model, data, out: Path, inv, evaluator=None) -> list[dict]:
-    """Test accuracy of every Pareto trial before fine-tuning; fine-tune the top-K, export.
+def run_selection(setup, study: optuna.Study) -> tuple[list[dict], Ladder]:
+    """Stage 3: the pool of ``study``, halved over fine-tune steps on the validation split;
+    the winner exported to ``models/``. Returns a row per candidate (``Selection.rows``)."""
+    cfg = setup.cfg
+    trials = study.get_trials(deepcopy=False)
+    pool = candidate_pool(trials, cfg.budget, cfg.candidates) if cfg.candidates else []
+    if not pool:  # --candidates 0: no selection, the front as the search scored it
+        return [search_row(t, cfg.quality) for t in pareto_front(trials, cfg.budget)], None
+    write_allocations(study, pool, Path(cfg.out))
+    lad = ladder_of(cfg, len(pool), len(setup.splits.finetune))
+    console.rule(f"select: {len(pool)} candidates, rungs at {list(lad.steps)} fine-tune "
+                 f"steps (eta {lad.eta}, {lad.cost} steps in all), validation "
+                 f"{len(setup.splits.validation)} images")
+    sel = Selection(setup, study, pool, lad)
+    winner = sel.run()
+    sel.export_winner(winner)
+    return sel.rows(), lad
 
-    With data-fitted layers each trial is first refitted sequentially (``apply`` with the
-    calibration images: inputs from the model compressed so far), its BatchNorm recalibration
-    chosen again, and scored again on the calibration set (``<quality>_fitted``). The front is
-    then ranked by that score, not by the trial's own (from the cheaper independent fit): the
-    refit reorders trials (ResNet-20 at 0.1 of the params: the first by trial KL, 1.29, has
-    the worst refit KL of the front, 1.01 against 0.86). The top-K of that ranking are
-    fine-tuned. Every step is stored in the study, so a rerun redoes nothing."""
-    from autohybrid.apply import apply
-    from autohybrid.evaluate import evaluate
-
-    test = data.test
-    if cfg.test_limit:
-        test = torch.utils.data.Subset(test, range(min(cfg.test_limit, len(test))))
-    done = dict(study.user_attrs.get("finetuned", {}))
-    fitted_key = f"{cfg.quality}_fitted"
-    rows, built = [], {}
-    for t in front:
-        alloc = Allocation.load(out / "allocations" / f"trial-{t.number:04d}.yaml", inv)
-        row = {
-            "trial": t.number, cfg.quality: t.values[0],
-            "top1_calibration": t.user_attrs.get("top1"),
-            "params_fraction": t.user_attrs["params_fraction"],
-            "macs_fraction": t.user_attrs["macs_fraction"],
-            "warm_start": t.user_attrs.get("warm_start", ""),
-            "origin": origin(t),
-            "allocation": f"allocations/trial-{t.number:04d}.yaml",
-        }
-        key = str(t.number)
-        if key in done:
-            row.update(done[key])
-            rows.append((row, alloc))
-            continue
-        small = _fitted(cfg, model, alloc, inv, evaluator, row, apply)
-        row["test_top1_before"] = evaluate(small, test, progress=False)["top1"]
-        built[key] = small
-        done[key] = _stored(row, fitted_key)
-        study.set_user_attr("finetuned", done)
-        rows.append((row, alloc))
-    rows.sort(key=lambda ra: ra[0].get(fitted_key, ra[0][cfg.quality]))
-    for rank, (row, alloc) in enumerate(rows):
-        key = str(row["trial"])
-        if rank >= cfg.top_k or "test_top1_after" in row:
-            continue
-        small = built.pop(key, None) or _fitted(cfg, model, alloc, inv, evaluator, {}, apply)
-        _finetune_export(cfg, small, model, data, alloc, out, row, test)
-        done[key] = _stored(row, fitted_key)
-        study.set_user_attr("finetuned", done)
-    return [row for row, _ in rows]
-
-
-def _fitted(cfg, model, alloc, inv, evaluator, row: dict, apply):
-    """The trial's model as handed on: sequentially refit to the calibration images and with
-    its BatchNorm recalibration chosen on them (scores into ``row``)."""
-    fits = evaluator is not None and evaluator.fits_data
-    small = apply(model, alloc, inv=inv, progress=False,
-                  calibration=evaluator.images if fits else None)
-    if evaluator is not None:
-        chosen = score_with_bn_choice(small, evaluator.images, evaluator.labels,
-                                      evaluator.reference, evaluator.bn_recal,
-                                      evaluator.recal_images, evaluator.batch_size, cfg.quality)
-        row[f"{cfg.quality}_fitted"] = chosen[cfg.quality]
-        row["top1_calibration_fitted"] = chosen["top1"]
-        row["bn_recal"] = chosen["bn_recal"]
-    return small
-
-
-def _finetune_export(cfg, small, model, data, alloc, out: Path, row: dict, test) -> None:
-    from autohybrid.evaluate import evaluate
-    from autohybrid.export import export
-    from autohybrid.finetune import FinetuneConfig, finetune
-
-    ft = FinetuneConfig(epochs=cfg.finetune_epochs, steps=cfg.finetune_steps,
-                        lr=cfg.finetune_lr, seed=cfg.seed,
-                        flip=data.mirror_invariant)
-    ckpt = out / "finetune" / f"trial-{row['trial']:04d}"
-    finetune(small, model, data.train, ft, checkpoint_dir=ckpt, progress=True)
-    row["test_top1_after"] = evaluate(small, test, progress=False)["top1"]
-    export(small, alloc, out / "models" / f"trial-{row['trial']:04d}")
-    row["model"] = f"models/trial-{row['trial']:04d}"
-
-
-def _stored(row: dict, fitted_key: str) -> dict:
-    """What the study keeps of a front row (in the order added: a resumed front writes the
-    same columns)."""
-    keys = (fitted_key, "top1_calibration_fitted", "bn_recal", "test_top1_before",
-            "test_top1_after", "model")
-    return {k: row[k] for k in keys if k in row}
 
 
 def write_pareto(rows: list[dict], out: Path) -> None:
-    """``pareto.csv`` and ``pareto.json``: the front as fitted, fine-tuned and tested."""
+    """``pareto.csv`` and ``pareto.json``: the candidates as fitted, their validation top-1 at
+    every rung, and the test top-1 of the one returned."""
     with atomic_path(out / "pareto.csv") as tmp:
         pd.DataFrame(rows).to_csv(tmp, index=False)
     atomic_write_text(out / "pareto.json", json.dumps(rows, indent=2))

@@ -171,11 +171,18 @@ class Ready:
 
 @dataclass
 class Settled:
-    """A prepared trial decided without scoring: over the budget, or screened by the
-    surrogate. Told PRUNED, with no objective values (the constraint says why)."""
+    """A prepared trial decided without scoring: screened by the surrogate (told PRUNED), or
+    over the budget: told COMPLETE with its exact cost and the surrogate's predicted quality
+    (user attr ``quality_predicted``), never evaluated, its constraint positive. The sampler
+    sees it (NSGA-II ranks an infeasible trial behind every feasible one, by how far over
+    the budget it is), so its generations fill with trials and breed away from the
+    infeasible region; told PRUNED instead, it would be invisible to the sampler, which
+    then draws over-budget allocations again and again (the demo: 68 over the budget for 22
+    evaluated, against 41 for 40). Without a surrogate it is told PRUNED."""
 
     number: int
     reason: str
+    values: tuple[float, float] | None = None
 
 
 @dataclass
@@ -324,7 +331,12 @@ class SearchStudy:
         trial.set_constraint("budget", frac - self.cfg.budget)
         if frac > self.cfg.budget:  # cannot be made to fit: infeasible, never evaluated
             trial.set_user_attr("infeasible", True)
-            return Settled(trial.number, "over the budget")
+            if self.surrogate is None:
+                return Settled(trial.number, "over the budget")
+            predicted = float(self.surrogate.predict(layers, frac)[1])
+            trial.set_user_attr("predicted", predicted)
+            trial.set_user_attr("quality_predicted", True)
+            return Settled(trial.number, "over the budget", (predicted, frac))
         if self.surrogate is not None:
             additive, predicted = self.surrogate.predict(layers, frac)
             trial.set_user_attr("predicted_additive", additive)
@@ -335,10 +347,15 @@ class SearchStudy:
         self._screened_in_a_row = 0
         return Ready(trial.number, layers, frac)
 
+    def settle(self, settled: Settled) -> None:
+        """Tell a trial ``prepare`` settled without scoring (see ``Settled``)."""
+        self.record(settled.number, values=settled.values)
+
     def record(self, number: int, scores: dict | None = None, fail_reason: str | None = None,
-               attrs: dict | None = None) -> None:
+               attrs: dict | None = None, values: tuple[float, float] | None = None) -> None:
         """Tell trial ``number``: COMPLETE with ``scores`` (every score goes into its user
-        attrs), FAIL with ``fail_reason``, or PRUNED when neither (a ``Settled`` trial).
+        attrs) or with a settled trial's ``values``, FAIL with ``fail_reason``, or PRUNED
+        when none of them (a screened ``Settled`` trial).
         A rerun of a trial failed meanwhile (an errored Ray trial restored by ``--resume``)
         is recorded as a new trial (``retry_of``)."""
         trial = self._frozen(number)
@@ -346,10 +363,14 @@ class SearchStudy:
         if fail_reason is not None:
             attrs["fail_reason"] = fail_reason
         state = (TrialState.FAIL if fail_reason is not None
-                 else TrialState.COMPLETE if scores is not None else TrialState.PRUNED)
-        values = None
-        if state == TrialState.COMPLETE:
+                 else TrialState.COMPLETE if scores is not None or values is not None
+                 else TrialState.PRUNED)
+        if state != TrialState.COMPLETE:
+            values = None
+        elif scores is not None:
             values = [scores[self.cfg.quality], trial.user_attrs[f"{self.cfg.metric}_fraction"]]
+        else:
+            values = list(values)
         if trial.state == TrialState.RUNNING:
             tid = self._id(number)
             for k, v in attrs.items():
@@ -464,7 +485,7 @@ class SearchStudy:
                     heartbeat.beat(self._id(trial.number))
                     ready = self.prepare(trial)
                     if isinstance(ready, Settled):
-                        self.record(trial.number)
+                        self.settle(ready)
                         continue
                     try:
                         scores = self.evaluator.score(ready.layers)

@@ -1,0 +1,454 @@
+"""Choosing what to return by the accuracy it reaches after fine-tuning.
+
+The search ranks allocations by a calibration score of the model before any fine-tuning; what
+a user keeps is the model after it. This stage closes the gap with successive halving over
+fine-tune steps, every decision made on a validation split held out from the training split
+(``DataBundle.splits``; the test split is only reported):
+
+1. a **candidate pool** (``candidate_pool``): the best distinct within-budget trials at or near
+   the budget, at least one per method family of the search, and the warm starts;
+2. **rungs** (``Ladder``): rung 0 is each candidate as fitted, with no fine-tune; each next
+   rung continues the survivors' fine-tunes to eta times more steps and keeps the top 1/eta
+   by validation accuracy, until one candidate has had the full fine-tune. A candidate's
+   fine-tune is one run of the full length, stopped at each rung and continued from its
+   checkpoint (``finetune(..., stop_at=...)``), never restarted, so the winner's weights
+   are those of an uninterrupted full fine-tune;
+3. the stage is an Optuna study in the search's storage (``<study>:select``): one trial per
+   candidate, its validation accuracy reported at each rung's step (``Trial.report``; the
+   dashboard draws the ladder as learning curves), pruned by ``RungPruner`` through
+   ``Trial.should_prune``. A killed stage rerun continues from what the study and the
+   fine-tune checkpoints hold and ends with the same winner and weights.
+
+Why not Optuna's ``SuccessiveHalvingPruner``: it is asynchronous (ASHA): a trial reaching a
+rung is promoted when it is in the top 1/eta of the values reported there *so far*, so the
+first trials to arrive are promoted against few competitors and the survivors depend on the
+order trials are run in. Here every candidate reaches a rung before any is decided, so the
+survivors are exactly the top 1/eta of the rung, whatever the order or a kill in between.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from autohybrid.exceptions import ConfigError
+from autohybrid.methods import HYBRID, METHODS
+from autohybrid.search.study import trial_layers, within_budget
+
+__all__ = ["Ladder", "RungPruner", "Selection", "SelectionStudy", "candidate_pool", "family",
+           "ladder", "ladder_for_budget", "ladder_of", "resolve_device", "search_row",
+           "SELECT_SUFFIX"]
+
+SELECT_SUFFIX = ":select"
+FAMILIES = ("sparse", "low-rank", "low-rank + sparse")
+NEAR = 0.8  # "near the budget": at least this fraction of it
+
+
+# -- the pool -------------------------------------------------------------------------------
+def family(trial: FrozenTrial) -> str:
+    """The method family most of a trial's compressed layers use (by count)."""
+    names = []
+    for spec in trial_layers(trial).values():
+        if spec.method == HYBRID:
+            names.append("low-rank + sparse")
+        elif spec.method in METHODS and METHODS[spec.method].lowrank:
+            names.append("low-rank")
+        elif spec.method != "dense":
+            names.append("sparse")
+    return Counter(names).most_common(1)[0][0] if names else "dense"
+
+
+def candidate_pool(trials: list[FrozenTrial], budget: float, size: int) -> list[FrozenTrial]:
+    """The trials to fine-tune: every warm start within the budget, the best trial of each
+    method family, then the best of the rest at or near the budget (cost at least
+    ``NEAR`` of it) by the search's quality score (lower is better), then the best of all;
+    one trial per distinct allocation. At least ``size`` trials where the study has them (more
+    when the warm starts and families alone exceed it). Ordered by quality."""
+    ok = sorted((t for t in trials if within_budget(t) and t.values
+                 and t.values[1] <= budget + 1e-12), key=lambda t: (t.values[0], t.number))
+    seen: set[str] = set()
+    pool: list[FrozenTrial] = []
+
+    def take(t: FrozenTrial) -> None:
+        key = t.user_attrs.get("allocation", str(t.number))
+        if key not in seen:
+            seen.add(key)
+            pool.append(t)
+
+    for t in ok:
+        if t.user_attrs.get("warm_start"):
+            take(t)
+    for fam in FAMILIES:
+        best = next((t for t in ok if family(t) == fam), None)
+        if best is not None:
+            take(best)
+    near = [t for t in ok if t.values[1] >= NEAR * budget]
+    for t in near + ok:
+        if len(pool) >= size:
+            break
+        take(t)
+    return sorted(pool, key=lambda t: (t.values[0], t.number))
+
+
+# -- the ladder -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ladder:
+    """Candidates entering each rung and the fine-tune steps each has had there (0 first)."""
+
+    sizes: tuple[int, ...]
+    steps: tuple[int, ...]
+    eta: int
+
+    @property
+    def cost(self) -> int:
+        """Fine-tune steps the whole ladder takes."""
+        return sum(n * (b - a) for n, a, b in zip(self.sizes[1:], self.steps, self.steps[1:]))
+
+    @property
+    def full(self) -> int:
+        return self.steps[-1]
+
+    def to_dict(self) -> dict:
+        return {"sizes": list(self.sizes), "steps": list(self.steps), "eta": self.eta}
+
+
+def ladder(n: int, eta: int, full: int) -> Ladder:
+    """``n`` candidates halved by ``eta`` per rung down to one, which gets ``full`` steps;
+    rung k (k >= 1 of K) fine-tunes to ``full / eta^(K-k)`` steps."""
+    if n < 1 or eta < 2 or full < 1:
+        raise ConfigError(f"a halving ladder needs >= 1 candidate, eta >= 2 and >= 1 full "
+                          f"fine-tune step (got {n}, {eta}, {full})")
+    sizes = [n]
+    while sizes[-1] > 1:
+        sizes.append(max(1, sizes[-1] // eta))
+    if len(sizes) == 1:
+        sizes.append(1)  # one candidate: rung 0, then its full fine-tune
+    top = len(sizes) - 1
+    steps = [0]
+    for k in range(1, top + 1):
+        steps.append(max(steps[-1] + 1, round(full * eta ** (k - top))))
+    steps[-1] = max(full, steps[-2] + 1)
+    return Ladder(tuple(sizes), tuple(steps), eta)
+
+
+def ladder_of(cfg, candidates: int, train_images: int) -> Ladder:
+    """The selection's ladder for ``cfg``: the winner's fine-tune as given (steps or epochs
+    over ``train_images``), else the longest that keeps the whole ladder within
+    ``cfg.finetune_budget`` steps."""
+    from autohybrid.config import FINETUNE_BUDGET
+    from autohybrid.finetune import FinetuneConfig
+
+    if cfg.finetune_steps or cfg.finetune_epochs:
+        batch = min(FinetuneConfig().batch_size, train_images)
+        per_epoch = max(1, train_images // batch)
+        full = cfg.finetune_steps or max(1, math.ceil(cfg.finetune_epochs * per_epoch))
+        return ladder(candidates, cfg.eta, full)
+    return ladder_for_budget(candidates, cfg.eta, cfg.finetune_budget or FINETUNE_BUDGET)
+
+
+def ladder_for_budget(n: int, eta: int, budget: int) -> Ladder:
+    """The ladder with the longest full fine-tune whose total cost is within ``budget``."""
+    unit = ladder(n, eta, 10**6)
+    full = max(1, math.floor(budget * 10**6 / max(unit.cost, 1)))
+    lad = ladder(n, eta, full)
+    while lad.cost > budget and full > 1:
+        full -= 1
+        lad = ladder(n, eta, full)
+    return lad
+
+
+# -- the pruner -----------------------------------------------------------------------------
+class RungPruner(optuna.pruners.BasePruner):
+    """Synchronous successive halving on a ``Ladder``: a trial that reported its value at
+    rung k's step is pruned unless that value is among the best ``sizes[k + 1]`` of the
+    values every trial of the study reported at that step (ties: the earlier trial). Asked
+    before all ``sizes[k]`` candidates have reported the rung, it raises: deciding early is
+    what makes the asynchronous rule order-dependent."""
+
+    def __init__(self, lad: Ladder):
+        self.ladder = lad
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step not in self.ladder.steps:
+            return False
+        k = self.ladder.steps.index(step)
+        if k == len(self.ladder.steps) - 1:
+            return False
+        reported = [(t.intermediate_values[step], t.number)
+                    for t in study.get_trials(deepcopy=False)
+                    if step in t.intermediate_values]
+        if len(reported) < self.ladder.sizes[k]:
+            raise RuntimeError(f"rung {k} decided with {len(reported)} of "
+                               f"{self.ladder.sizes[k]} candidates reported")
+        ranked = sorted(reported, key=lambda vn: (-vn[0], vn[1]))
+        keep = {n for _, n in ranked[:self.ladder.sizes[k + 1]]}
+        return trial.number not in keep
+
+
+# -- the stage study ------------------------------------------------------------------------
+class SelectionStudy:
+    """The selection stage as stored: an Optuna study ``<search study>:select`` in the
+    search's storage, one trial per candidate (user attr ``candidate``: the search trial)."""
+
+    def __init__(self, storage, study_name: str, pool: list[FrozenTrial], lad: Ladder,
+                 meta: dict):
+        self.storage, self.ladder, self._ids = storage, lad, {}
+        name = study_name + SELECT_SUFFIX
+        self.study = optuna.create_study(storage=storage, study_name=name,
+                                         direction="maximize", pruner=RungPruner(lad),
+                                         load_if_exists=True)
+        want = {"pool": [t.number for t in pool], "ladder": lad.to_dict(), **meta}
+        have = {k: self.study.user_attrs.get(k) for k in want}
+        if all(v is None for v in have.values()):
+            for k, v in want.items():
+                self.study.set_user_attr(k, v)
+        elif have != want:
+            differ = sorted(k for k in want if have[k] != want[k])
+            raise ConfigError(
+                f"the selection study {name!r} in this storage was run with another "
+                f"{', '.join(differ)}; use a new --out (or --study-name), or rerun with the "
+                "settings it was started with")
+        self.numbers = {c: t.number for c, t in self.trials().items()}
+        for t in pool:
+            if t.number not in self.numbers:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Heartbeat of storage")  # ask() on an RDB
+                    trial = self.study.ask()
+                trial.set_user_attr("candidate", t.number)
+                self.numbers[t.number] = trial.number
+
+    def trials(self) -> dict[int, FrozenTrial]:
+        """candidate -> its stage trial as stored now."""
+        return {t.user_attrs["candidate"]: t for t in self.study.get_trials(deepcopy=False)
+                if "candidate" in t.user_attrs}
+
+    def trial(self, candidate: int) -> FrozenTrial:
+        return self.storage.get_trial(self._tid(candidate))
+
+    def live(self) -> list[int]:
+        """Candidates not pruned (the winner, once complete, included), in pool order."""
+        states = {c: t.state for c, t in self.trials().items()}
+        return [c for c in self.study.user_attrs["pool"] if states[c] != TrialState.PRUNED]
+
+    def reported(self, candidate: int, step: int) -> bool:
+        return step in self.trial(candidate).intermediate_values
+
+    def set_attr(self, candidate: int, key: str, value) -> None:
+        self.storage.set_trial_user_attr(self._tid(candidate), key, value)
+
+    def report(self, candidate: int, step: int, value: float) -> None:
+        """The candidate's validation accuracy after ``step`` fine-tune steps."""
+        optuna.Trial(self.study, self._tid(candidate)).report(value, step)
+
+    def decide(self, candidates: list[int]) -> list[int]:
+        """Ask the pruner about each candidate of a finished rung; tell the pruned ones
+        PRUNED. Returns those pruned now."""
+        pruned = []
+        for c in candidates:
+            if self.trial(c).state != TrialState.RUNNING:
+                continue
+            if optuna.Trial(self.study, self._tid(c)).should_prune():
+                self.study.tell(self.numbers[c], state=TrialState.PRUNED)
+                pruned.append(c)
+        return pruned
+
+    def finish(self, candidate: int, value: float) -> None:
+        if self.trial(candidate).state == TrialState.RUNNING:
+            self.study.tell(self.numbers[candidate], value)
+
+    def _tid(self, candidate: int) -> int:
+        from autohybrid.search.study import trial_id
+
+        if candidate not in self._ids:
+            self._ids[candidate] = trial_id(self.storage, self.study.study_name,
+                                            self.numbers[candidate])
+        return self._ids[candidate]
+
+
+def checkpoint_dir(out: Path, candidate: int) -> Path:
+    return Path(out) / "select" / f"trial-{candidate:04d}"
+
+
+# -- the stage ------------------------------------------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    """``auto``: the first CUDA GPU when there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"device {device!r} is not a torch device; use auto, cpu or cuda"
+                          ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r}: no CUDA GPU here; use --device cpu (or auto)")
+    return dev
+
+
+class Selection:
+    """Successive halving over the pool of ``setup``'s study (``run_selection``)."""
+
+    def __init__(self, setup, study: optuna.Study, pool: list[FrozenTrial], lad: Ladder):
+        from autohybrid.data import as_tensors
+        from autohybrid.finetune import FinetuneConfig
+
+        self.setup, self.cfg, self.pool, self.ladder = setup, setup.cfg, pool, lad
+        self.out = Path(self.cfg.out)
+        self.by_number = {t.number: t for t in pool}
+        self.device = resolve_device(self.cfg.device)
+        # a checkpoint every quarter of the first rung: a kill loses little of any rung
+        self.ft = FinetuneConfig(**{**self.cfg.finetune_recipe(), "steps": lad.full,
+                                    "flip": setup.data.mirror_invariant,
+                                    "save_every": max(1, lad.steps[1] // 4)})
+        self.xv, self.yv = as_tensors(setup.splits.validation)
+        with torch.no_grad():
+            self.ref_v = torch.cat([setup.model(x) for x in self.xv.split(self.cfg.batch_size)])
+        self.teacher = setup.model if self.device.type == "cpu" else \
+            _copy(setup.model).to(self.device)
+        self.stage = SelectionStudy(setup.storage, setup.study_name, pool, lad,
+                                    {"finetune": self.ft.to_dict(), "val": self.cfg.val})
+        self.models: dict[int, torch.nn.Module] = {}
+
+    # one candidate
+    def alloc(self, c: int):
+        from autohybrid.allocation import Allocation
+
+        return Allocation.load(self.out / "allocations" / f"trial-{c:04d}.yaml",
+                               self.setup.inv)
+
+    def fitted(self, c: int) -> torch.nn.Module:
+        """Candidate ``c`` as handed on by the search: sequentially refit to the calibration
+        images, BatchNorm recalibration on or off chosen on the validation images."""
+        from autohybrid.apply import apply
+        from autohybrid.search.objective import score_with_bn_choice
+
+        ev = self.setup.evaluator
+        small = apply(self.setup.model, self.alloc(c), inv=self.setup.inv, progress=False,
+                      calibration=ev.images if ev.fits_data else None)
+        chosen = score_with_bn_choice(small, self.xv, self.yv, self.ref_v, ev.bn_recal,
+                                      ev.recal_images, ev.batch_size, self.cfg.quality,
+                                      recal_with=ev.images)
+        if self.stage.trial(c).user_attrs.get("bn_recal") is None:
+            self.stage.set_attr(c, "bn_recal", chosen["bn_recal"])
+            self.stage.set_attr(c, f"val_{self.cfg.quality}", chosen[self.cfg.quality])
+        return small
+
+    def model(self, c: int) -> torch.nn.Module:
+        if c not in self.models:
+            self.models[c] = self.fitted(c)
+        return self.models[c]
+
+    def val_top1(self, small: torch.nn.Module) -> float:
+        from autohybrid.search.objective import score_model
+
+        small = small.cpu().eval()
+        return score_model(small, self.xv, self.yv, self.ref_v, self.cfg.batch_size)["top1"]
+
+    def tune(self, c: int, step: int) -> torch.nn.Module:
+        """Candidate ``c``'s fine-tune continued to ``step`` (from its checkpoint)."""
+        from autohybrid.finetune import finetune
+
+        small = self.model(c)
+        if step > 0:
+            finetune(small.to(self.device), self.teacher, self.setup.splits.finetune, self.ft,
+                     checkpoint_dir=checkpoint_dir(self.out, c), progress=True, stop_at=step)
+        return small
+
+    def test_top1(self, small: torch.nn.Module) -> float:
+        from autohybrid.evaluate import evaluate
+
+        return evaluate(small.to(self.device), self.setup.test, progress=False)["top1"]
+
+    # the ladder
+    def run(self) -> int:
+        """All rungs (what the stage study already holds is kept); returns the winner."""
+        from autohybrid.progress import console
+
+        lad, stage = self.ladder, self.stage
+        for k, step in enumerate(lad.steps):
+            entering = stage.live()
+            console.print(f"rung {k} of {len(lad.steps) - 1}: {len(entering)} candidate(s), "
+                          f"{step} fine-tune step(s) each")
+            for c in entering:
+                if stage.reported(c, step):
+                    continue
+                small = self.tune(c, step)
+                if k == 0 and "test_top1_before" not in stage.trial(c).user_attrs:
+                    stage.set_attr(c, "test_top1_before", self.test_top1(small))
+                value = self.val_top1(small)
+                stage.report(c, step, value)
+                console.print(f"  trial {c}: validation top-1 {value:.2f} % after {step} "
+                              "step(s)")
+            if k < len(lad.steps) - 1:
+                pruned = stage.decide(entering)
+                for c in pruned:
+                    self.models.pop(c, None)
+                kept = [c for c in entering if c not in pruned]
+                if pruned:
+                    console.print(f"  kept trial(s) {_list(kept)}; pruned {_list(pruned)}")
+        (winner,) = stage.live()
+        return winner
+
+    def export_winner(self, winner: int) -> None:
+        from autohybrid.export import export
+
+        t = self.stage.trial(winner)
+        path = self.out / "models" / f"trial-{winner:04d}"
+        if "test_top1_after" not in t.user_attrs or not path.is_dir():
+            small = self.tune(winner, self.ladder.full)
+            top1 = self.test_top1(small)
+            export(small.cpu(), self.alloc(winner), path)
+            self.stage.set_attr(winner, "test_top1_after", top1)
+            self.stage.set_attr(winner, "model", f"models/trial-{winner:04d}")
+        self.stage.finish(winner, t.intermediate_values[self.ladder.full])
+
+    def rows(self) -> list[dict]:
+        """A row per candidate: the search's scores, validation top-1 at every rung reached,
+        the rung it left at, and for the one returned its test top-1 and its model."""
+        q = self.cfg.quality
+        rows = []
+        for c, st in sorted(self.stage.trials().items(),
+                            key=lambda ct: self.stage.study.user_attrs["pool"].index(ct[0])):
+            row = search_row(self.by_number[c], q)
+            row.update(bn_recal=st.user_attrs.get("bn_recal"),
+                       test_top1_before=st.user_attrs.get("test_top1_before"))
+            for step in self.ladder.steps:
+                row[f"val_top1_step_{step}"] = st.intermediate_values.get(step)
+            row["returned"] = st.state == TrialState.COMPLETE
+            row["test_top1_after"] = st.user_attrs.get("test_top1_after")
+            row["allocation"] = f"allocations/trial-{c:04d}.yaml"
+            row["model"] = st.user_attrs.get("model")
+            rows.append(row)
+        return rows
+
+
+def search_row(t: FrozenTrial, quality: str) -> dict:
+    """What the search knows of trial ``t``: its scores on the calibration images, its cost,
+    its methods and where it came from."""
+    return {"trial": t.number, quality: t.values[0], "top1_calibration": t.user_attrs.get("top1"),
+            "params_fraction": t.user_attrs["params_fraction"],
+            "macs_fraction": t.user_attrs["macs_fraction"], "family": family(t),
+            "origin": _origin(t), "allocation": f"allocations/trial-{t.number:04d}.yaml"}
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _list(cs: list[int]) -> str:
+    return ", ".join(map(str, cs)) or "none"
+
+
+def _origin(t: FrozenTrial) -> str:
+    from autohybrid.search.study import origin
+
+    return origin(t)
