@@ -1,0 +1,176 @@
+"""The selection stage's pieces: the halving ladder, the pruner, the candidate pool.
+
+The stage end to end (a search, its candidates halved over fine-tune steps on the validation
+split, the winner exported) is in ``test_pipeline.py``; killed in a rung and rerun, in
+``test_faults.py``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import optuna
+import pytest
+from optuna.trial import TrialState, create_trial
+
+from autohybrid.config import SearchConfig
+from autohybrid.exceptions import ConfigError
+from autohybrid.search.select import (
+    RungPruner,
+    SelectionStudy,
+    candidate_pool,
+    family,
+    ladder,
+    ladder_for_budget,
+    ladder_of,
+)
+from autohybrid.search.study import _dump
+from autohybrid.spec import LayerSpec
+
+
+# -- the ladder -----------------------------------------------------------------------------
+@pytest.mark.parametrize("n, eta, sizes", [
+    (6, 3, (6, 2, 1)), (9, 3, (9, 3, 1)), (8, 2, (8, 4, 2, 1)), (1, 3, (1, 1)), (2, 3, (2, 1)),
+    (27, 3, (27, 9, 3, 1)),
+])
+def test_ladder_halves_down_to_one_with_eta_times_the_steps(n, eta, sizes) -> None:
+    lad = ladder(n, eta, 600)
+    assert lad.sizes == sizes
+    assert lad.steps[0] == 0 and lad.steps[-1] == 600 == lad.full
+    assert len(lad.steps) == len(lad.sizes)
+    for a, b in zip(lad.steps[1:], lad.steps[2:]):
+        assert abs(b / a - eta) < 0.05 * eta  # eta times more steps each rung (rounded)
+    # survivors of each rung: max(1, n // eta) of those entering it
+    assert all(b == max(1, a // eta) for a, b in zip(lad.sizes[:-1], lad.sizes[1:]) if a > 1)
+    assert lad.cost == sum(k * (y - x) for k, x, y in zip(lad.sizes[1:], lad.steps,
+                                                         lad.steps[1:]))
+
+
+def test_ladder_for_budget_is_the_longest_that_fits() -> None:
+    for n, eta, budget in [(6, 3, 800), (9, 3, 1000), (8, 2, 500), (1, 3, 50), (13, 4, 777)]:
+        lad = ladder_for_budget(n, eta, budget)
+        assert lad.cost <= budget
+        assert ladder(n, eta, lad.full + 1).cost > budget  # one step more would not fit
+    assert ladder_for_budget(6, 3, 800).full == 600  # 2 x 200 + 1 x 400
+
+
+def test_ladder_of_a_config_follows_the_winners_length_or_the_budget() -> None:
+    cfg = SearchConfig(finetune_budget=800)
+    assert ladder_of(cfg, 6, 44000).full == 600
+    assert ladder_of(SearchConfig(finetune_steps=90), 6, 44000).full == 90
+    epochs = ladder_of(SearchConfig(finetune_epochs=2), 6, 1280)  # 10 steps of 128 an epoch
+    assert epochs.full == 20
+    assert ladder_of(SearchConfig(), 6, 44000).cost <= 800  # the default budget
+
+
+def test_finetune_budget_and_the_winners_length_are_not_given_together() -> None:
+    with pytest.raises(ConfigError, match="not both"):
+        SearchConfig(finetune_budget=100, finetune_steps=10).validate()
+    with pytest.raises(ConfigError, match="eta"):
+        SearchConfig(eta=1).validate()
+    with pytest.raises(ConfigError, match="candidates"):
+        SearchConfig(candidates=-1).validate()
+
+
+# -- the pruner -----------------------------------------------------------------------------
+def _stage(lad, values: list[float]):
+    study = optuna.create_study(direction="maximize", pruner=RungPruner(lad))
+    trials = [study.ask() for _ in values]
+    return study, trials
+
+
+@pytest.mark.parametrize("n, eta", [(6, 3), (9, 3), (8, 2), (10, 3), (5, 4)])
+def test_a_rungs_survivors_are_exactly_its_top_one_over_eta(n, eta) -> None:
+    """Whatever order the candidates are decided in, each rung keeps exactly the best
+    max(1, n // eta) by validation accuracy (Optuna's own SuccessiveHalvingPruner, being
+    asynchronous, keeps whoever arrives first against few competitors)."""
+    lad = ladder(n, eta, 90)
+    rng = random.Random(n * 10 + eta)
+    values = [rng.choice([50.0, 60.0, 70.0]) + rng.random() for _ in range(n)]
+    study, trials = _stage(lad, values)
+    alive = list(range(n))
+    for k, step in enumerate(lad.steps[:-1]):
+        for i in alive:
+            trials[i].report(values[i] + k, step)
+        order = alive[:]
+        rng.shuffle(order)
+        pruned = {i for i in order if trials[i].should_prune()}
+        best = sorted(alive, key=lambda i: (-values[i], i))[:lad.sizes[k + 1]]
+        assert set(alive) - pruned == set(best)
+        for i in pruned:
+            study.tell(trials[i], state=TrialState.PRUNED)
+        alive = best
+    assert len(alive) == 1 and alive[0] == max(range(n), key=lambda i: values[i])
+
+
+def test_the_pruner_refuses_to_decide_a_rung_before_every_candidate_reported() -> None:
+    lad = ladder(6, 3, 90)
+    study, trials = _stage(lad, [0.0] * 6)
+    for t in trials[:5]:
+        t.report(1.0, 0)
+    with pytest.raises(RuntimeError, match="rung 0 decided with 5 of 6"):
+        trials[0].should_prune()
+    trials[5].report(2.0, 0)
+    assert not trials[5].should_prune() and trials[0].should_prune() is False
+    assert trials[1].should_prune()  # top 2: trial 5 (2.0), then trial 0 (the earlier tie)
+
+
+def test_optunas_asynchronous_pruner_would_keep_other_trials() -> None:
+    """Why the stage has a pruner of its own: Optuna's SuccessiveHalvingPruner decides each
+    trial against the values reported before it, so the first one always survives."""
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.
+                                SuccessiveHalvingPruner(min_resource=1, reduction_factor=3))
+    trials = [study.ask() for _ in range(6)]
+    for t, v in zip(trials, [10, 20, 30, 40, 50, 60]):
+        t.report(v, 1)
+    kept = [t.number for t in trials if not t.should_prune()]
+    assert 0 in kept and kept != [5, 4]  # the worst survives; the top 2 are not what is kept
+
+
+def test_selection_study_refuses_a_stored_stage_of_another_pool(tmp_path) -> None:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    pool = [_trial(0, 0.1, 0.2, "sparse"), _trial(1, 0.2, 0.2, "svd")]
+    lad = ladder(2, 3, 10)
+    stage = SelectionStudy(storage, "s", pool, lad, {"val": 100})
+    assert sorted(stage.numbers) == [0, 1]
+    again = SelectionStudy(storage, "s", pool, lad, {"val": 100})  # a rerun: the same trials
+    assert again.numbers == stage.numbers and len(again.study.trials) == 2
+    with pytest.raises(ConfigError, match="another ladder"):
+        SelectionStudy(storage, "s", pool, ladder(2, 3, 20), {"val": 100})
+    with pytest.raises(ConfigError, match="another val"):
+        SelectionStudy(storage, "s", pool, lad, {"val": 200})
+
+
+# -- the pool -------------------------------------------------------------------------------
+def _trial(number: int, quality: float, cost: float, method: str, warm: str = "",
+           budget: float = 0.2, same_as: int | None = None) -> optuna.trial.FrozenTrial:
+    k = number if same_as is None else same_as  # the allocation differs per trial unless
+    spec = {"sparse": LayerSpec("sparse", sparsity=0.5 + k / 100),
+            "svd": LayerSpec("svd", rank=(4 + k,)),
+            "lowrank+sparse": LayerSpec("lowrank+sparse", rank=(2 + k,), sparsity=0.9)}[method]
+    attrs = {"allocation": _dump({"a": spec}),
+             "params_fraction": cost, "macs_fraction": cost, "constraint": cost - budget}
+    if warm:
+        attrs["warm_start"] = warm
+    t = create_trial(values=[quality, cost], user_attrs=attrs)
+    t.number = number
+    return t
+
+
+def test_pool_holds_the_warm_starts_one_per_family_and_the_best_near_the_budget() -> None:
+    trials = [
+        _trial(0, 0.10, 0.199, "sparse"), _trial(1, 0.11, 0.198, "sparse"),
+        _trial(2, 0.12, 0.197, "sparse"), _trial(3, 0.13, 0.100, "sparse"),  # far below
+        _trial(4, 0.50, 0.190, "svd"), _trial(5, 0.40, 0.195, "lowrank+sparse"),
+        _trial(6, 0.90, 0.180, "sparse", warm="uniform_sparse"),
+        _trial(7, 0.05, 0.250, "sparse"),  # over the budget: never a candidate
+        _trial(8, 0.10, 0.199, "sparse", same_as=0),  # trial 0's allocation again
+    ]
+    pool = candidate_pool(trials, 0.2, 5)
+    numbers = [t.number for t in pool]
+    assert 6 in numbers and 4 in numbers and 5 in numbers  # warm start, low-rank, L+S
+    assert 7 not in numbers and 3 not in numbers  # over the budget; far below it
+    assert not {0, 8} <= set(numbers)  # one per distinct allocation
+    assert len(pool) == 5 and [t.values[0] for t in pool] == sorted(t.values[0] for t in pool)
+    assert {family(t) for t in pool} == {"sparse", "low-rank", "low-rank + sparse"}
+    assert len(candidate_pool(trials, 0.2, 2)) == 4  # the warm start + 3 families: more than 2
