@@ -108,7 +108,11 @@ def resolve(args) -> SearchConfig:
         console.print(f"[bold]demo[/]: {DEMO_MODEL} trained on scikit-learn digits "
                       "(no --model given)")
         given = {k: v for k, v in base.items() if v is not None}
-        cfg = SearchConfig.from_dict({**demo_settings(), **given}, "options")
+        demo = demo_settings()
+        if "finetune_steps" in given or "finetune_epochs" in given:
+            demo.pop("finetune_budget", None)  # the user's fine-tune length sets the ladder
+        cfg = SearchConfig.from_dict({**demo, **given}, "options")
+    cfg.validate()
     return cfg
 
 

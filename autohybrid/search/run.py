@@ -29,7 +29,14 @@ from autohybrid.progress import console
 from autohybrid.search.console import TrialProgress, print_front
 from autohybrid.search.objective import Evaluator
 from autohybrid.search.params import LEVELS, MIN_SCALE, ParamSpace, group_layers
-from autohybrid.search.select import Ladder, Selection, candidate_pool, ladder_of, search_row
+from autohybrid.search.select import (
+    Ladder,
+    Selection,
+    candidate_pool,
+    ladder_of,
+    resolve_device,
+    search_row,
+)
 from autohybrid.search.study import (
     SearchStudy,
     fit_meta,
@@ -129,9 +136,11 @@ def setup_search(cfg: SearchConfig) -> SearchSetup:
     from autohybrid.report import write_sensitivity_report
 
     cfg.validate()
+    resolve_device(cfg.device)  # a GPU asked for and absent fails before any work
     out = Path(cfg.out)
     model, size = load_model(cfg)
     data = load_data(cfg.data, model, input_size=size)
+    splits = data.splits(cfg.calib, cfg.val, seed=cfg.seed)
     inv = inventory(model, size)
     space = load_search_space(cfg.model, cfg.search_space)
     check_reachable(ParamSpace(space, inv, group_layers(space, inv, None, 10**9, 0),
@@ -140,7 +149,6 @@ def setup_search(cfg: SearchConfig) -> SearchSetup:
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)  # half-written files of a killed earlier run
     cfg.save(out / "config.yaml")
-    splits = data.splits(cfg.calib, cfg.val, seed=cfg.seed)
     x, y = as_tensors(splits.calibration)
     fit = fit_meta(cfg)
     layers = [la.name for la in space.compressible(inv)]
