@@ -201,8 +201,10 @@ def searched(ctx, metric, budget, name: str, keep: frozenset[str] | None,
                        quality=quality, local_search=local_search)
     storage = get_storage(f"sqlite:///{ctx.db(metric, budget, name).resolve()}", ctx.out)
     # the package's study stage on this benchmark's own setup (restricted space and table)
-    setup = SearchSetup(cfg, ctx.model, tuple(ctx.size), None, ctx.inv, SimpleNamespace(df=df),
-                        None, ps, ctx.evaluator, warm, storage, name)
+    setup = SearchSetup(cfg=cfg, model=ctx.model, size=tuple(ctx.size), data=None,
+                        splits=None, inv=ctx.inv, table=SimpleNamespace(df=df), stats=None,
+                        ps=ps, evaluator=ctx.evaluator, warm=warm, storage=storage,
+                        study_name=name)
     trials = run_study(setup).get_trials(deepcopy=False)
     front = pareto_front(trials, budget)
     if not front:
