@@ -165,9 +165,9 @@ class SearchConfig:
                 raise ConfigError(f"{key} must be a positive integer, got {v!r}")
         if isinstance(self.eta, bool) or not isinstance(self.eta, int) or self.eta < 2:
             raise ConfigError(f"eta is the halving factor, an integer >= 2; got {self.eta!r}")
-        if self.finetune_epochs is not None and (
-                isinstance(self.finetune_epochs, bool)
-                or not isinstance(self.finetune_epochs, (int, float)) or self.finetune_epochs <= 0):
+        epochs = self.finetune_epochs
+        if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, (int, float))
+                                   or epochs <= 0):
             raise ConfigError(f"finetune_epochs must be > 0, got {self.finetune_epochs!r}")
         if self.finetune_steps is not None and self.finetune_epochs is not None:
             raise ConfigError("give the winner's fine-tune as finetune_steps or finetune_epochs, "
