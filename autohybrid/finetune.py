@@ -330,7 +330,8 @@ def finetune(
         ``steps`` (total), ``step`` (where this call stopped), ``steps_run`` (by this call),
         ``resumed_from``, ``steps_per_epoch``, ``epochs``, ``train_loss`` (mean loss per epoch,
         the last maybe partial), ``loss`` (its last entry), ``seconds`` (this call),
-        ``config``; with ``eval_dataset`` also ``top1``, ``eval_loss``, and ``agreement`` / ``kl`` against the teacher.
+        ``config``; with ``eval_dataset`` also ``top1``, ``eval_loss``, and ``agreement`` /
+        ``kl`` against the teacher.
 
     Raises:
         ConfigError: a bad config, or a checkpoint from a different run.
