@@ -10,6 +10,7 @@ of the accuracy a compression loses.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,7 +24,40 @@ from autohybrid.progress import bar as progress_bar
 from .data import loader
 from .exceptions import DataError
 
-__all__ = ["evaluate", "recalibrate_bn", "estimating"]
+__all__ = ["evaluate", "recalibrate_bn", "estimating", "Scores"]
+
+
+@dataclass
+class Scores:
+    """Running sums over batches: loss and top-1 against the labels and, with reference
+    logits, KL(reference || model) and top-1 agreement. The one place these are computed
+    (``evaluate``, the sensitivity analysis and the search's trial scores all add to it)."""
+
+    n: int = 0
+    loss: float = 0.0
+    correct: int = 0
+    kl: float = 0.0
+    agree: int = 0
+    referenced: bool = False
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor,
+            ref: torch.Tensor | None = None) -> None:
+        logp = F.log_softmax(logits, 1)
+        self.n += len(labels)
+        self.loss += float(F.nll_loss(logp, labels, reduction="sum"))
+        self.correct += int((logits.argmax(1) == labels).sum())
+        if ref is not None:
+            ref_logp = F.log_softmax(ref, 1)
+            self.referenced = True
+            self.kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
+            self.agree += int((logits.argmax(1) == ref.argmax(1)).sum())
+
+    def as_dict(self) -> dict:
+        n = max(self.n, 1)
+        out = {"loss": self.loss / n, "top1": 100.0 * self.correct / n}
+        if self.referenced:
+            out.update(kl=self.kl / n, agreement=100.0 * self.agree / n)
+        return out
 
 
 def evaluate(
@@ -66,8 +100,7 @@ def evaluate(
             f"reference must be a model or a logits tensor, got {type(reference).__name__}"
         )
     modes = [(m, m.training) for m in (model, ref_model) if m is not None]
-    correct = agree = n = 0
-    loss_sum = kl_sum = 0.0
+    scores = Scores()
     kept: list[torch.Tensor] = []
     bar = progress_bar(batches, desc="evaluate", unit="batch", progress=progress, leave=False)
     try:
@@ -78,22 +111,16 @@ def evaluate(
                 x, y = batch[0].to(device, non_blocking=True), batch[1].to(device).long()
                 logits = model(x).float()
                 _check_targets(y, logits.shape[-1])
-                ref = _reference_logits(ref_model, ref_logits, model, x, logits, n)
-                n += len(y)
-                correct += int((logits.argmax(-1) == y).sum())
-                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-                if ref is not None:
-                    ref = ref.to(logits.device).float()
-                    log_p, log_q = F.log_softmax(ref, -1), F.log_softmax(logits, -1)
-                    kl_sum += float(F.kl_div(log_q, log_p, log_target=True, reduction="sum"))
-                    agree += int((logits.argmax(-1) == ref.argmax(-1)).sum())
+                ref = _reference_logits(ref_model, ref_logits, model, x, logits, scores.n)
+                scores.add(logits, y, None if ref is None else ref.to(logits.device).float())
                 if keep_logits:
                     kept.append(logits.cpu())
-                bar.set_postfix(top1=f"{100.0 * correct / n:.2f}")
+                bar.set_postfix(top1=f"{100.0 * scores.correct / scores.n:.2f}")
     finally:
         bar.close()
         for m, training in modes:
             m.train(training)
+    n = scores.n
     if n == 0:
         raise DataError("no samples to evaluate; the dataset or loader is empty")
     if ref_logits is not None and len(ref_logits) != n:
@@ -101,10 +128,7 @@ def evaluate(
             f"reference logits hold {len(ref_logits)} rows but the data has {n} samples; "
             "compute them on the same data, in the same order"
         )
-    result: dict[str, Any] = {"top1": 100.0 * correct / n, "loss": loss_sum / n, "n": n}
-    if reference is not None:
-        result["kl"] = kl_sum / n
-        result["agreement"] = 100.0 * agree / n
+    result: dict[str, Any] = {**scores.as_dict(), "n": n}
     if keep_logits:
         result["logits"] = torch.cat(kept)
     return result

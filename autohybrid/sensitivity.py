@@ -21,12 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from tqdm.auto import tqdm
 
 from autohybrid.cost import layer_cost
-from autohybrid.evaluate import estimating
+from autohybrid.evaluate import Scores, estimating
 from autohybrid.exceptions import ConfigError
 from autohybrid.inventory import Inventory, LayerInfo
 from autohybrid.io import atomic_path, atomic_write_text, remove_stale_temps
@@ -35,7 +34,7 @@ from autohybrid.progress import bar as progress_bar
 from autohybrid.search_space import SearchSpace
 from autohybrid.spec import LayerSpec
 
-__all__ = ["SensitivityTable", "sensitivity", "Scores", "model_digest", "SIGNALS"]
+__all__ = ["SensitivityTable", "sensitivity", "model_digest", "SIGNALS"]
 
 SIGNALS = ("kl", "dloss", "dtop1", "disagreement")
 RECAL_KL_LIMIT = 0.01
@@ -49,34 +48,6 @@ def model_digest(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-@dataclass
-class Scores:
-    """Running sums over calibration batches for one model variant."""
-
-    n: int = 0
-    loss: float = 0.0
-    correct: int = 0
-    kl: float = 0.0
-    agree: int = 0
-
-    def add(self, logits: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor) -> None:
-        logp, ref_logp = F.log_softmax(logits, 1), F.log_softmax(ref, 1)
-        self.n += len(labels)
-        self.loss += float(F.nll_loss(logp, labels, reduction="sum"))
-        self.correct += int((logits.argmax(1) == labels).sum())
-        self.kl += float((ref_logp.exp() * (ref_logp - logp)).sum())
-        self.agree += int((logits.argmax(1) == ref.argmax(1)).sum())
-
-    def as_dict(self) -> dict:
-        n = max(self.n, 1)
-        return {
-            "loss": self.loss / n,
-            "top1": 100.0 * self.correct / n,
-            "kl": self.kl / n,
-            "agreement": 100.0 * self.agree / n,
-        }
 
 
 class ConeRunner:

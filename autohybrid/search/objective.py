@@ -22,11 +22,10 @@ import torch
 from torch import nn
 
 from autohybrid.apply import replace_module
-from autohybrid.evaluate import recalibrate_bn
+from autohybrid.evaluate import Scores, recalibrate_bn
 from autohybrid.exceptions import AutohybridError
 from autohybrid.inventory import Inventory
 from autohybrid.methods.base import build
-from autohybrid.sensitivity import Scores
 from autohybrid.spec import LayerSpec
 
 __all__ = ["Evaluator", "NumericalError", "score_model", "score_with_bn_choice"]
