@@ -74,7 +74,7 @@ from torch.utils.data import Subset, TensorDataset
 
 import autohybrid as ah
 from autohybrid.data import as_tensors, load_data
-from autohybrid.evaluate import evaluate, recalibrate_bn
+from autohybrid.evaluate import estimating, evaluate, recalibrate_bn
 from autohybrid.models import create_model
 from autohybrid.search_space import load_search_space
 from autohybrid.sensitivity import (
@@ -369,16 +369,9 @@ def recal_downstream(s, model, layer: str, n: int = 256, batch_size: int = 256):
     """Re-estimate the BatchNorms downstream of ``layer`` on the first ``n`` calibration
     images, as ``sensitivity(bn_recal=True)`` does."""
     bns = [model.get_submodule(t) for t in downstream_bns(s, layer)]
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    for i in range(0, n, batch_size):
-        model(s.x[i : min(n, i + batch_size)])
-    for m, momentum in zip(bns, momenta):
-        m.momentum = momentum
-        m.eval()
+    with estimating(bns):  # the package's one BatchNorm re-estimate
+        for i in range(0, n, batch_size):
+            model(s.x[i : min(n, i + batch_size)])
     return model
 
 
