@@ -162,7 +162,7 @@ def compressing_specs(method: str, layer) -> list[ah.LayerSpec]:
         ranks = {m.rank_for_ratio(layer, r) for r in (0.25, 0.6)}
         return [ah.LayerSpec(method, rank=r) for r in sorted(ranks) if r != full]
     pytest.fail(f"no compressing spec known for the new method {method!r}: add one to "
-                "compressing_specs in tests/test_datafit.py")
+                "compressing_specs in tests/methods/test_datafit.py")
 
 
 def data(spec: ah.LayerSpec) -> ah.LayerSpec:

@@ -37,7 +37,7 @@ from autohybrid.search.warm_start import uniform
 from autohybrid.search_space import SearchSpace
 from autohybrid.storage import get_storage, mask_url
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BUDGET = 0.6
 SPACE = SearchSpace(
     name="tiny", include=["layer3.*"], methods={"conv": ["sparse", "tucker2", "lowrank+sparse"]},

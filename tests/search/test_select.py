@@ -13,7 +13,6 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from autohybrid.config import SearchConfig
 from autohybrid.exceptions import ConfigError
 from autohybrid.search.select import (
     RungPruner,
@@ -22,7 +21,6 @@ from autohybrid.search.select import (
     family,
     ladder,
     ladder_for_budget,
-    ladder_of,
 )
 from autohybrid.search.study import _dump
 from autohybrid.spec import LayerSpec
@@ -52,24 +50,6 @@ def test_ladder_for_budget_is_the_longest_that_fits() -> None:
         assert lad.cost <= budget
         assert ladder(n, eta, lad.full + 1).cost > budget  # one step more would not fit
     assert ladder_for_budget(6, 3, 800).full == 600  # 2 x 200 + 1 x 400
-
-
-def test_ladder_of_a_config_follows_the_winners_length_or_the_budget() -> None:
-    cfg = SearchConfig(finetune_budget=800)
-    assert ladder_of(cfg, 6, 44000).full == 600
-    assert ladder_of(SearchConfig(finetune_steps=90), 6, 44000).full == 90
-    epochs = ladder_of(SearchConfig(finetune_epochs=2), 6, 1280)  # 10 steps of 128 an epoch
-    assert epochs.full == 20
-    assert ladder_of(SearchConfig(), 6, 44000).cost <= 800  # the default budget
-
-
-def test_finetune_budget_and_the_winners_length_are_not_given_together() -> None:
-    with pytest.raises(ConfigError, match="not both"):
-        SearchConfig(finetune_budget=100, finetune_steps=10).validate()
-    with pytest.raises(ConfigError, match="eta"):
-        SearchConfig(eta=1).validate()
-    with pytest.raises(ConfigError, match="candidates"):
-        SearchConfig(candidates=-1).validate()
 
 
 # -- the pruner -----------------------------------------------------------------------------

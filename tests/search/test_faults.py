@@ -36,10 +36,10 @@ from safetensors.torch import load_file
 from autohybrid.export import WEIGHTS
 from autohybrid.finetune import CHECKPOINT_NAME
 from autohybrid.models import create_model
-from tests.test_distributed import IDENTITY, build, check_complete
-from tests.test_pipeline import SPACE  # the same tiny layer3 space
+from tests.search.test_distributed import IDENTITY, build, check_complete
+from tests.search.test_pipeline import SPACE  # the same tiny layer3 space
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 LAYERS = 6  # layer3.{0,1,2}.conv{1,2}
 STEPS = 16  # the winner's fine-tune; 4 candidates halved by 2: rungs at 0, 8 and 16 steps,
