@@ -17,14 +17,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["LayerInfo", "Inventory", "inventory", "conv_out", "model_input_size"]
+__all__ = ["LayerInfo", "Inventory", "inventory", "model_input_size"]
 
 KINDS = ("conv", "pointwise", "depthwise", "grouped", "linear")
-
-
-def conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    """Output length of a convolution along one axis (PyTorch's formula)."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 @dataclass(frozen=True)

@@ -376,6 +376,15 @@ def report() -> Path:
                 missing.append(f"{model} {r}")
         body.append([f"`{model}`", f"{dense['top1']:.2f}" if "top1" in dense else "—", *cells])
     parts += [_common.table(head, body), ""]
+    abody = []
+    for model in MODELS:
+        res = allres.get(model, {})
+        cells = [f"{d['after']['agreement']:.2f}" if d and d.get("status") == "ok" else "—"
+                 for d in (res.get(f"dense-{r}") for r in ORDER)]
+        abody.append([f"`{model}`", *cells])
+    parts += ["How far each control moved the model, whatever its top-1 did: **agreement** "
+              "(% of the 10,000 test images whose top-1 class equals the dense model's).", "",
+              _common.table(["model", *head[2:]], abody), ""]
     worst = {}
     for r in ORDER:
         ds = [allres.get(mm, {}).get(f"dense-{r}") for mm in MODELS]
