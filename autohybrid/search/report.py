@@ -105,7 +105,9 @@ def _summary(trials, cfg) -> str:
     n = {s: sum(t.state == s for t in trials) for s in TrialState}
     over = sum(bool(t.user_attrs.get("infeasible")) for t in trials)
     screened = sum(bool(t.user_attrs.get("screened")) for t in trials)
-    parts = [f"{n[TrialState.COMPLETE] - over} evaluated"]
+    evaluated = sum(t.state == TrialState.COMPLETE and not t.user_attrs.get("infeasible")
+                    for t in trials)
+    parts = [f"{evaluated} evaluated"]
     parts += [f"{k} {v}" for k, v in (("over the budget (not evaluated: quality predicted by "
                                        "the surrogate)", over),
                                       ("screened out by the surrogate", screened),
