@@ -96,11 +96,15 @@ def print_front(rows: list[dict], out=None) -> None:
     steps = sorted(int(k.rsplit("_", 1)[1]) for k in (rows[0] if rows else {})
                    if k.startswith("val_top1_step_"))
     table = Table(title="Candidates (within budget), halved on the validation split",
-                  caption="top-1 %: val N = validation after N fine-tune steps; test = test "
+                  caption="top-1 %: @N = validation after N fine-tune steps; test = test "
                           "split after the full fine-tune (the one returned, *)")
-    cols = ["trial", "params", "MACs", *(f"val {s}" for s in steps), "test", "from"]
-    for col in cols:
-        table.add_column(col, no_wrap=True, justify="left" if col == "from" else "right")
+    cols = ["trial", "params", "MACs", *(f"@{s}" for s in steps), "test", "from"]
+    for col in cols:  # numbers keep their width; where a trial came from is cut to fit
+        if col == "from":
+            table.add_column(col, no_wrap=True, justify="left", overflow="ellipsis",
+                             max_width=18)
+        else:
+            table.add_column(col, no_wrap=True, justify="right", min_width=5)
 
     def pct(v) -> str:  # "-": not measured (pruned before that rung; only the winner tested)
         return "-" if v is None or v != v else f"{v:.2f}"

@@ -74,24 +74,42 @@ def allocation_figure(trial, inv):
     return fig
 
 
+WINNER = "#d62728"
+
+
 def halving_figure(df: pd.DataFrame):
     """The halving ladder: validation top-1 vs fine-tune steps, a line per candidate, ending
-    at the rung it was pruned at; the one returned drawn bold."""
+    at the rung it was pruned at; the one returned drawn bold. The axis spans the candidates
+    that reached a second rung (and those within 10 points of the best at rung 0); the rest
+    sit on its lower edge as downward triangles, their values in the legend."""
     steps = sorted(int(c.rsplit("_", 1)[1]) for c in df if c.startswith("val_top1_step_"))
+    col = [f"val_top1_step_{s}" for s in steps]
+    first = df[col[0]].dropna()
+    later = df[df[col[1]].notna()][col].stack() if len(col) > 1 else first.iloc[:0]
+    focus = pd.concat([later, first[first >= first.max() - 10]])
+    lo = float(focus.min()) - 1.0 if len(focus) else 0.0
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for _, r in df.iterrows():
-        pts = [(s, r[f"val_top1_step_{s}"]) for s in steps
-               if r[f"val_top1_step_{s}"] == r[f"val_top1_step_{s}"]]  # not NaN
+    others = [c for c in plt.rcParams["axes.prop_cycle"].by_key()["color"] if c != WINNER]
+    for i, (_, r) in enumerate(df.iterrows()):
+        pts = [(s, r[c]) for s, c in zip(steps, col) if r[c] == r[c]]  # not NaN
         if not pts:
             continue
         won = bool(r.get("returned"))
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", lw=2.5 if won else 1,
-                c="#d62728" if won else None, alpha=1 if won else 0.7, zorder=3 if won else 2,
-                label=f"trial {int(r['trial'])} ({r.get('family', '')})"
-                + (": returned" if won else ""))
-    if steps and steps[-1] > 10 * max(steps[1:2] or [1]):
-        ax.set_xscale("symlog", linthresh=max(1, steps[1] if len(steps) > 1 else 1))
+        below = [v for _, v in pts if v < lo]
+        label = f"trial {int(r['trial'])} ({r.get('family', '')})" + (": returned" if won else "")
+        if below:
+            label += f", {min(below):.1f} % (below the axis)"
+        ys = [max(v, lo) for _, v in pts]
+        line, = ax.plot([p[0] for p in pts], ys, "-", lw=2.5 if won else 1,
+                        c=WINNER if won else others[i % len(others)], alpha=1 if won else 0.7,
+                        zorder=3 if won else 2, label=label)
+        for (x, v), y in zip(pts, ys):
+            ax.plot(x, y, "v" if v < lo else "o", c=line.get_color(), clip_on=False,
+                    zorder=line.get_zorder())
+    if len(steps) > 2 and steps[-1] > 10 * steps[1]:
+        ax.set_xscale("symlog", linthresh=steps[1])
     ax.set_xticks(steps, [str(s) for s in steps])
+    ax.set_ylim(bottom=lo)
     ax.set_xlabel("fine-tune steps")
     ax.set_ylabel("validation top-1 (%)")
     ax.set_title("Selection: successive halving over fine-tune steps")
