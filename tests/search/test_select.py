@@ -154,3 +154,18 @@ def test_pool_holds_the_warm_starts_one_per_family_and_the_best_near_the_budget(
     assert len(pool) == 5 and [t.values[0] for t in pool] == sorted(t.values[0] for t in pool)
     assert {family(t) for t in pool} == {"sparse", "low-rank", "low-rank + sparse"}
     assert len(candidate_pool(trials, 0.2, 2)) == 4  # the warm start + 3 families: more than 2
+
+
+# -- the device -----------------------------------------------------------------------------
+def test_device_auto_is_a_gpu_when_there_is_one_else_the_cpu() -> None:
+    import torch
+
+    from autohybrid.search.select import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="not a torch device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU here"):
+            resolve_device("cuda")
