@@ -320,7 +320,7 @@ class _Interrupter(threading.Thread):
     def run(self):
         try:
             _poll(self.url, lambda ts: self.done.is_set()
-                  or _count(ts, TrialState.COMPLETE) >= self.complete, timeout=240)
+                  or _count(ts, TrialState.COMPLETE) >= self.complete, timeout=420)
         except AssertionError:
             return
         if not self.done.is_set():
