@@ -77,12 +77,12 @@ class Run:
     def text(self) -> str:
         return self.log.read_text(errors="replace").replace("\r", "\n")
 
-    def finish(self, timeout: float = 300) -> str:
+    def finish(self, timeout: float = 600) -> str:
         code = self.proc.wait(timeout)
         assert code == 0, f"exit {code}:\n{self.text()[-3000:]}"
         return self.text()
 
-    def kill_when(self, ready, timeout: float = 240) -> float:
+    def kill_when(self, ready, timeout: float = 480) -> float:
         """SIGKILL as soon as ``ready()``; the time of the kill."""
         deadline = time.time() + timeout
         while not ready():
