@@ -40,6 +40,10 @@ from tests.search.test_distributed import IDENTITY, build, check_complete
 from tests.search.test_pipeline import SPACE  # the same tiny layer3 space
 
 REPO = Path(__file__).resolve().parents[2]
+# the module's fixture runs the whole CLI five times (one of them beside the others): its
+# setup counts against its first test's timeout, more than pytest's default 600 s allows on
+# a busy 2-core machine
+pytestmark = pytest.mark.timeout(1800)
 
 LAYERS = 6  # layer3.{0,1,2}.conv{1,2}
 STEPS = 16  # the winner's fine-tune; 4 candidates halved by 2: rungs at 0, 8 and 16 steps,
