@@ -436,6 +436,7 @@ def report() -> Path:
                        f"{f['seconds'] / max(1, f['steps_run']):.2f}",
                        f"{d['teacher_cache']['hits']}/{STEPS}", d["library"]])
     parts += [_common.table(dh, db, "ll" + "r" * (len(dh) - 2)), "", "</details>", ""]
+    parts += _notes_section()
     cmds = sorted({d["command"] for r in allres.values() for d in r.values() if "command" in d})
     libs = sorted({d["library"] for r in allres.values() for d in r.values() if "library" in d})
     parts += ["## Provenance", "", "Commands that produced the rows (from the repository root):",
@@ -448,6 +449,16 @@ def report() -> Path:
               f"- Report written {_common.now()}"]
     atomic_write_text(RESULTS, "\n".join(parts).rstrip() + "\n")
     return RESULTS
+
+
+def _notes_section() -> list[str]:
+    """The "Notes" section as it stands in RESULTS (written by hand from the rows): kept, not
+    overwritten, when the report is rewritten."""
+    text = RESULTS.read_text() if RESULTS.is_file() else ""
+    start, end = text.find("## Notes"), text.find("## Provenance")
+    if start < 0 or end < start:
+        return []
+    return text[start:end].rstrip().split("\n") + [""]
 
 
 def main() -> None:
