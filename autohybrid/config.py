@@ -69,7 +69,8 @@ class SearchConfig:
     max_groups: int = 24
     screen: bool = True
     local_search: float = 0.3
-    val: int = 1000  # validation images held out from the training split: every choice
+    val: int | None = None  # validation images held out from the training split (every
+    # choice is made on them); None: 1000, or a fifth of a smaller training split
     candidates: int = 6  # trials the selection stage fine-tunes (successive halving); 0: none
     eta: int = 3  # halving factor: each rung keeps the top 1/eta for eta times more steps
     finetune_budget: int | None = None  # fine-tune steps of the whole ladder (default 800)

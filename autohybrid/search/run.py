@@ -140,11 +140,12 @@ def setup_search(cfg: SearchConfig) -> SearchSetup:
     out = Path(cfg.out)
     model, size = load_model(cfg)
     data = load_data(cfg.data, model, input_size=size)
-    splits = data.splits(cfg.calib, cfg.val, seed=cfg.seed)
     inv = inventory(model, size)
     space = load_search_space(cfg.model, cfg.search_space)
     check_reachable(ParamSpace(space, inv, group_layers(space, inv, None, 10**9, 0),
                                cfg.metric), cfg.budget)
+    val = cfg.val if cfg.val is not None else min(1000, len(data.train) // 5)
+    splits = data.splits(cfg.calib, val, seed=cfg.seed)  # too small a split: before any file
     storage = get_storage(cfg.storage, out)  # fail early on a bad URL
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)  # half-written files of a killed earlier run

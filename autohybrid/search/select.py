@@ -313,7 +313,8 @@ class Selection:
         self.teacher = setup.model if self.device.type == "cpu" else \
             _copy(setup.model).to(self.device)
         self.stage = SelectionStudy(setup.storage, setup.study_name, pool, lad,
-                                    {"finetune": self.ft.to_dict(), "val": self.cfg.val})
+                                    {"finetune": self.ft.to_dict(),
+                                     "val": len(setup.splits.validation)})
         self.models: dict[int, torch.nn.Module] = {}
 
     # one candidate
