@@ -50,8 +50,8 @@ def register(sub) -> None:
                    help="share of --trials spent on one-layer moves around the best trial "
                    "(default 0.3; 0 turns it off)")
     p.add_argument("--val", type=int, help="validation images held out from the training "
-                   "split; the candidates are chosen on them (default 1000, or a fifth of a smaller "
-                   "training split)")
+                   "split; the candidates are chosen on them (default 1000, or a fifth of a "
+                   "smaller training split)")
     p.add_argument("--candidates", type=int, help="trials fine-tuned by successive halving "
                    "(default 6: the best near the budget, one per method family, the warm "
                    "starts)")
