@@ -28,6 +28,7 @@ survivors are exactly the top 1/eta of the rung, whatever the order or a kill in
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections import Counter
@@ -299,7 +300,7 @@ class Selection:
         from autohybrid.data import as_tensors
         from autohybrid.finetune import FinetuneConfig
 
-        self.setup, self.cfg, self.pool, self.ladder = setup, setup.cfg, pool, lad
+        self.setup, self.cfg, self.ladder = setup, setup.cfg, lad
         self.out = Path(self.cfg.out)
         self.by_number = {t.number: t for t in pool}
         self.device = resolve_device(self.cfg.device)
@@ -311,7 +312,7 @@ class Selection:
         with torch.no_grad():
             self.ref_v = torch.cat([setup.model(x) for x in self.xv.split(self.cfg.batch_size)])
         self.teacher = setup.model if self.device.type == "cpu" else \
-            _copy(setup.model).to(self.device)
+            copy.deepcopy(setup.model).to(self.device)
         self.stage = SelectionStudy(setup.storage, setup.study_name, pool, lad,
                                     {"finetune": self.ft.to_dict(),
                                      "val": len(setup.splits.validation)})
@@ -437,12 +438,6 @@ def search_row(t: FrozenTrial, quality: str) -> dict:
             "params_fraction": t.user_attrs["params_fraction"],
             "macs_fraction": t.user_attrs["macs_fraction"], "family": family(t),
             "origin": _origin(t), "allocation": f"allocations/trial-{t.number:04d}.yaml"}
-
-
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def _list(cs: list[int]) -> str:
