@@ -223,15 +223,17 @@ def search_level(
     metric: str,
     lo: float = 1e-3,
     layers: list[LayerInfo] | None = None,
+    latency=None,
 ) -> tuple[dict[str, LayerSpec], float]:
     """Largest level ``x`` in [lo, 1] whose allocation costs <= ``budget``; error if none.
 
-    ``layers`` defaults to the inventory's compressible layers."""
+    ``layers`` defaults to the inventory's compressible layers; ``latency``: the
+    ``LatencyTable`` the ``latency`` metric needs."""
     targets = inv.compressible if layers is None else layers
 
     def at(x: float) -> tuple[dict[str, LayerSpec], float]:
         layers = {layer.name: build(layer, x) for layer in targets}
-        return layers, allocation_cost(inv, layers).fraction(metric)
+        return layers, allocation_cost(inv, layers, latency).fraction(metric)
 
     layers, frac = at(lo)
     if frac > budget:

@@ -45,7 +45,10 @@ class SearchConfig:
     input_size: list[int] | None = None
     data: str = "digits"
     budget: float = 0.2
-    metric: str = "params"
+    metric: str = "params"  # params | macs (flops) | latency (measured on runtime)
+    runtime: str = "torch"  # latency's target: torch (eager, CPU) | onnxruntime (CPU)
+    latency_batch: int = 1  # the batch size the latency budget is measured at
+    threads: int | None = None  # latency's thread count (default: torch's, as run)
     search_space: str | None = None
     out: str = "autohybrid-out"
     storage: str | None = None
@@ -136,7 +139,22 @@ class SearchConfig:
             raise ConfigError(
                 f"unknown quality signal {self.quality!r}; use one of {list(QUALITY_SIGNALS)}"
             )
-        for key in ("trials", "calib", "batch_size", "population", "concurrency", "max_groups"):
+        from autohybrid.latency import RUNTIMES
+
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"unknown runtime {self.runtime!r}; use one of {list(RUNTIMES)}")
+        if self.runtime == "onnxruntime" and self.metric == "latency":
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                raise ConfigError("--runtime onnxruntime needs ONNX Runtime: pip install "
+                                  "'autohybrid[onnx]'") from None
+        if self.threads is not None and (isinstance(self.threads, bool)
+                                         or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
+        for key in ("trials", "calib", "batch_size", "population", "concurrency", "max_groups",
+                    "latency_batch"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
         if not isinstance(self.local_search, (int, float)) or isinstance(self.local_search, bool) \

@@ -21,14 +21,17 @@ from autohybrid.spec import LayerSpec
 
 __all__ = ["Cost", "ModelCost", "layer_cost", "allocation_cost", "cost", "normalize_metric"]
 
-METRICS = ("params", "macs")
+METRICS = ("params", "macs", "latency")
 
 
 def normalize_metric(metric: str) -> str:
-    """``params`` or ``macs`` (``flops`` is accepted for MACs, as users say it)."""
-    m = {"flops": "macs", "flop": "macs", "mac": "macs", "param": "params"}.get(metric, metric)
+    """``params``, ``macs`` (``flops`` is accepted for MACs, as users say it) or ``latency``
+    (measured on the target runtime, ``autohybrid.latency``)."""
+    m = {"flops": "macs", "flop": "macs", "mac": "macs", "param": "params",
+         "time": "latency", "speed": "latency"}.get(metric, metric)
     if m not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; use 'params' or 'flops' (MACs)")
+        raise ConfigError(f"unknown metric {metric!r}; use 'params', 'flops' (MACs) or "
+                          "'latency' (measured on --runtime)")
     return m
 
 
@@ -37,11 +40,15 @@ class Cost:
     params: int
     macs: int
     storage_bytes: int = 0
+    latency: float | None = None  # seconds on the latency table's runtime
 
 
-def layer_cost(layer: LayerInfo, spec: LayerSpec) -> Cost:
+def layer_cost(layer: LayerInfo, spec: LayerSpec, latency=None) -> Cost:
+    """A layer's cost; with ``latency`` (a ``LatencyTable``) also its predicted seconds."""
     m = get_method(spec.method)
-    return Cost(m.params(layer, spec), m.macs(layer, spec), m.storage_bytes(layer, spec))
+    seconds = latency.layer_seconds(layer, spec) if latency is not None else None
+    return Cost(m.params(layer, spec), m.macs(layer, spec), m.storage_bytes(layer, spec),
+                seconds)
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class ModelCost:
     storage_bytes: int
     dense_params: int
     dense_macs: int
+    latency: float | None = None  # predicted seconds (with a latency table)
+    dense_latency: float | None = None
 
     @property
     def params_fraction(self) -> float:
@@ -62,8 +71,18 @@ class ModelCost:
     def macs_fraction(self) -> float:
         return self.macs / self.dense_macs
 
+    @property
+    def latency_fraction(self) -> float | None:
+        return None if self.latency is None else self.latency / self.dense_latency
+
     def fraction(self, metric: str) -> float:
-        return self.params_fraction if normalize_metric(metric) == "params" else self.macs_fraction
+        m = normalize_metric(metric)
+        if m == "latency":
+            if self.latency is None:
+                raise ConfigError("a latency fraction needs the latency table: "
+                                  "allocation_cost(inv, layers, latency=table)")
+            return self.latency_fraction
+        return self.params_fraction if m == "params" else self.macs_fraction
 
     def __str__(self) -> str:
         return (
@@ -72,9 +91,11 @@ class ModelCost:
         )
 
 
-def allocation_cost(inv: Inventory, layers: Mapping[str, LayerSpec]) -> ModelCost:
+def allocation_cost(inv: Inventory, layers: Mapping[str, LayerSpec], latency=None
+                    ) -> ModelCost:
     """Cost of the model with ``layers`` compressed; unlisted layers (and non-conv/linear
-    parameters and ops) stay as in the dense model."""
+    parameters and ops) stay as in the dense model. With ``latency`` (a ``LatencyTable``
+    of this model) also its predicted seconds."""
     params, macs = inv.total_params, inv.total_macs
     storage = 4 * inv.total_params
     by_name = inv.by_name
@@ -84,7 +105,10 @@ def allocation_cost(inv: Inventory, layers: Mapping[str, LayerSpec]) -> ModelCos
         params += c.params - layer.params
         macs += c.macs - layer.macs
         storage += c.storage_bytes - 4 * layer.params
-    return ModelCost(params, macs, storage, inv.total_params, inv.total_macs)
+    if latency is None:
+        return ModelCost(params, macs, storage, inv.total_params, inv.total_macs)
+    return ModelCost(params, macs, storage, inv.total_params, inv.total_macs,
+                     latency.predict(inv, layers), latency.model_s)
 
 
 @dataclass(frozen=True)

@@ -238,9 +238,14 @@ def creation_kwargs(model: nn.Module, alloc: Allocation) -> dict[str, Any] | Non
     )
 
 
-def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
+def load(path: str | Path, model: nn.Module | None = None, deploy: bool = False) -> nn.Module:
     """Rebuild an exported model: the dense architecture (from timm by the allocation's
-    model identity, or ``model`` if given), the allocation's structure, the saved values."""
+    model identity, or ``model`` if given), the allocation's structure, the saved values.
+
+    ``deploy=True`` converts each compressed layer into the form recorded at export (the
+    fastest measured on the latency table's runtime: a sparse part precomputed or CSR, L+S
+    folded into one weight, ...; ``autohybrid.deploy``), for inference; the default keeps
+    the trainable form the file stores."""
     path = Path(path)
     weights, alloc_file = path / WEIGHTS, path / ALLOCATION
     for f in (weights, alloc_file):
@@ -265,7 +270,8 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
         f"{alloc.model.get('kwargs') or {}}"
     )
     try:
-        model = skeleton(model, alloc)
+        dense_inv = model_inventory(model, alloc) if deploy else None
+        model = skeleton(model, alloc, dense_inv)
     except AutohybridError:
         raise
     except Exception as e:  # noqa: BLE001 - timm's own checks (input size, ...)
@@ -292,6 +298,11 @@ def load(path: str | Path, model: nn.Module | None = None) -> nn.Module:
             f"unexpected {unexpected[:5]}; re-export the model"
         )
     model.eval()
+    if deploy:
+        from autohybrid.deploy import deploy as to_forms
+
+        forms = (alloc.meta.get("deploy") or {}).get("forms") or {}
+        model = to_forms(model, alloc.layers, forms, dense_inv)
     return model
 
 

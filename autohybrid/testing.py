@@ -13,7 +13,9 @@ What every method must do, on every layer kind it applies to (``TinyNet`` holds 
   None), and what it returns and what ``grid`` returns passes ``check``;
 - ``label`` is a few words, ``color`` a plot colour;
 - a data fit (``fit``, where the method has one) does not lose to the weight fit on the
-  calibration outputs it minimises.
+  calibration outputs it minimises;
+- every deploy form (``autohybrid.deploy``: folded into one dense weight, sparse parts
+  precomputed or CSR) gives the built module's outputs (1e-5 relative).
 """
 
 from __future__ import annotations
@@ -150,9 +152,23 @@ def check_method(name: str, seed: int = 0) -> int:
             skel.load_state_dict(module.state_dict())
             with torch.no_grad():
                 torch.testing.assert_close(skel.eval()(x), y, msg=f"{where}: skeleton output")
+            _check_forms(module, layer, spec, x, y, where)
             cases += 1
     assert cases, f"{name} applies to no layer kind"
     return cases
+
+
+def _check_forms(module, layer, spec, x, y, where) -> None:
+    import copy
+
+    from autohybrid.deploy import deploy_module, forms_for
+
+    for form in forms_for(layer, spec):
+        deployed = deploy_module(copy.deepcopy(module), layer, spec, form).eval()
+        with torch.no_grad():
+            got = deployed(x)
+        err = float((got - y).norm() / y.norm().clamp_min(1e-12))
+        assert err <= 1e-5, f"{where}: deploy form {form!r} is off by {err:.2e} (relative)"
 
 
 class MethodContract:

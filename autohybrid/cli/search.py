@@ -11,7 +11,14 @@ def register(sub) -> None:
                        "runs when no --model is given)")
     p.add_argument("--config", help="YAML config; flags override it")
     p.add_argument("--budget", help="fraction of the dense model to keep, e.g. 0.2")
-    p.add_argument("--metric", help="params (default) or flops")
+    p.add_argument("--metric", help="params (default), flops, or latency (measured per "
+                   "layer on --runtime, at --threads and --latency-batch)")
+    p.add_argument("--runtime", help="latency's target: torch (default, eager on CPU) | "
+                   "onnxruntime")
+    p.add_argument("--latency-batch", type=int, help="batch size the latency budget is "
+                   "measured at (default 1)")
+    p.add_argument("--threads", type=int, help="threads the latency is measured with "
+                   "(default: torch's current setting)")
     p.add_argument("--model", help="timm model name (default: the built-in demo)")
     p.add_argument("--checkpoint")
     p.add_argument("--random-init", action="store_true",
@@ -71,7 +78,8 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-FLAGS = ("budget", "metric", "model", "checkpoint", "num_classes", "input_size", "data",
+FLAGS = ("budget", "metric", "runtime", "latency_batch", "threads", "model", "checkpoint",
+         "num_classes", "input_size", "data",
          "search_space", "out", "storage", "study_name", "sampler", "backend", "ray_address",
          "concurrency", "trials", "population", "seed", "calib", "batch_size", "bn_recal",
          "quality", "fit", "damp", "saliency", "max_groups", "local_search", "val",

@@ -95,14 +95,21 @@ def print_front(rows: list[dict], out=None) -> None:
 
     steps = sorted(int(k.rsplit("_", 1)[1]) for k in (rows[0] if rows else {})
                    if k.startswith("val_top1_step_"))
+    speed = "latency_ratio_b1" in (rows[0] if rows else {})
+    where = (f" ({rows[0].get('runtime')}, {rows[0].get('threads')} thread(s))"
+             if speed else "")
     table = Table(title="Candidates (within budget), halved on the validation split",
                   caption="top-1 %: @N = validation after N fine-tune steps; test = test "
-                          "split after the full fine-tune (the one returned, *)")
-    cols = ["trial", "params", "MACs", *(f"@{s}" for s in steps), "test", "from"]
+                          "split after the full fine-tune (the one returned, *); MACs count "
+                          "sparse parts by nonzeros (a sparse kernel's count)"
+                          + (f"; b1 = measured latency / dense at batch 1{where}"
+                             if speed else ""))
+    cols = ["trial", "params", "MACs", *(["b1"] if speed else []),
+            *(f"@{s}" for s in steps), "test", "from"]
     for col in cols:  # numbers keep their width; where a trial came from is cut to fit
         if col == "from":
             table.add_column(col, no_wrap=True, justify="left", overflow="ellipsis",
-                             max_width=18)
+                             max_width=18 if not speed else 12)
         else:
             table.add_column(col, no_wrap=True, justify="right", min_width=5)
 
@@ -112,7 +119,9 @@ def print_front(rows: list[dict], out=None) -> None:
     for r in rows:
         table.add_row(
             f"{r['trial']}{'*' if r.get('returned') else ''}", f"{r['params_fraction']:.3f}",
-            f"{r['macs_fraction']:.3f}", *(pct(r.get(f"val_top1_step_{s}")) for s in steps),
+            f"{r['macs_fraction']:.3f}",
+            *([f"{r['latency_ratio_b1']:.3f}"] if speed else []),
+            *(pct(r.get(f"val_top1_step_{s}")) for s in steps),
             pct(r.get("test_top1_after")), _short_origin(r.get("origin", "")),
         )
     (out or console).print(table)

@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from autohybrid.bisect import largest
-from autohybrid.cost import allocation_cost, layer_cost
 from autohybrid.inventory import LayerInfo
 from autohybrid.methods import HYBRID, label
 from autohybrid.search.params import LEVELS, MIN_SCALE, SHARES, ParamSpace
@@ -48,10 +47,6 @@ class Move:
         return f"{self.layer} -> {label(self.spec)}"
 
 
-def _cost(layer: LayerInfo, spec: LayerSpec, metric: str) -> int:
-    return getattr(layer_cost(layer, spec), metric)
-
-
 def _largest_fitting(ps: ParamSpace, layer: LayerInfo, method: str, share: float,
                      allowed: float) -> LayerSpec | None:
     """``ps.spec(layer, method, level, share)`` at the largest level whose cost in the search
@@ -60,7 +55,7 @@ def _largest_fitting(ps: ParamSpace, layer: LayerInfo, method: str, share: float
         return ps.spec(layer, method, level, share)
 
     def fits(level: float) -> bool:
-        return _cost(layer, spec(level), ps.metric) <= allowed
+        return ps.layer_cost(layer, spec(level)) <= allowed
 
     if not fits(LOWEST):
         return None
@@ -79,14 +74,14 @@ def moves(ps: ParamSpace, layers: dict[str, LayerSpec], budget: float,
     layer) that keeps ``layers`` within ``budget``, ranked best predicted first. The new spec
     takes the layer's current cost plus the allocation's slack (so the move is cost-neutral
     up to what the budget leaves free)."""
-    total = allocation_cost(ps.inv, layers)
+    total = ps.cost(layers)
     slack = budget * getattr(total, f"dense_{ps.metric}") - getattr(total, ps.metric)
     out: list[Move] = []
     for g in ps.groups:
         for name in g.layers:
             layer = ps.inv[name]
             old = layers.get(name, LayerSpec())
-            allowed = _cost(layer, old, ps.metric) + max(slack, 0.0)
+            allowed = ps.layer_cost(layer, old) + max(slack, 0.0)
             before = surrogate.additive({name: old})
             seen = {old}
             for method in g.methods[1:]:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from autohybrid.bisect import largest
-from autohybrid.cost import allocation_cost
+from autohybrid.cost import allocation_cost, layer_cost
 from autohybrid.inventory import Inventory, LayerInfo
 from autohybrid.methods import HYBRID, METHODS, spec_at
 from autohybrid.search_space import SearchSpace
@@ -81,8 +81,10 @@ def _profile(table: pd.DataFrame, layer: LayerInfo) -> np.ndarray:
 class ParamSpace:
     """Suggests a trial's parameters and decodes them into per-layer specs."""
 
-    def __init__(self, space: SearchSpace, inv: Inventory, groups: list[Group], metric: str):
+    def __init__(self, space: SearchSpace, inv: Inventory, groups: list[Group], metric: str,
+                 latency=None):
         self.space, self.inv, self.groups, self.metric = space, inv, groups, metric
+        self.latency = latency  # the LatencyTable, for metric "latency"
 
     def suggest(self, trial) -> dict:
         params = {}
@@ -114,8 +116,16 @@ class ParamSpace:
                     layers[name] = spec
         return layers
 
+    def cost(self, layers: dict[str, LayerSpec]):
+        """The allocation's ``ModelCost`` (with predicted latency when there is a table)."""
+        return allocation_cost(self.inv, layers, self.latency)
+
+    def layer_cost(self, layer: LayerInfo, spec: LayerSpec) -> float:
+        """One layer's cost in the search metric (params, MACs or predicted seconds)."""
+        return getattr(layer_cost(layer, spec, self.latency), self.metric)
+
     def fraction(self, layers: dict[str, LayerSpec]) -> float:
-        return allocation_cost(self.inv, layers).fraction(self.metric)
+        return self.cost(layers).fraction(self.metric)
 
     def repair(self, params: dict, budget: float) -> tuple[dict[str, LayerSpec], float]:
         """Decode ``params`` with every level multiplied by one factor, the largest that fits

@@ -137,6 +137,30 @@ def _summary(trials, cfg) -> str:
             "images.")
 
 
+def _speed_summary(df: pd.DataFrame) -> str:
+    """Where the latency columns come from, and the returned model's measured speed."""
+    if "latency_ratio_b1" not in df:
+        return ""
+    r0 = df.iloc[0]
+    batches = sorted(int(c.rsplit("b", 1)[1]) for c in df if c.startswith("latency_ratio_b"))
+    text = (f"Latency measured on {r0.runtime} at {int(r0.threads)} thread(s), batch "
+            f"{' and '.join(map(str, batches))}: each result built in its deploy forms and "
+            "timed interleaved with the dense model (median of per-round ratios); MACs count "
+            "sparse parts by their nonzeros, what a sparse kernel would run, which a CPU "
+            "runs only as fast as the measured latency says.")
+    won = df[df.returned.astype(bool)] if "returned" in df else df.iloc[:0]
+    if len(won) and "fresh_latency_ratio_b1" in df:
+        r = won.iloc[0]
+        fresh = ", ".join(f"batch {b} {r[f'fresh_latency_ratio_b{b}']:.1%}" for b in batches
+                          if f"fresh_latency_ratio_b{b}" in df)
+        text += f" The returned model, from its exported files in a fresh process: {fresh}"
+        if "prediction_error" in df and r.prediction_error == r.prediction_error:
+            text += (f" of the dense latency (predicted {r.latency_fraction:.1%}, error "
+                     f"{r.prediction_error:+.1%})")
+        text += "."
+    return text
+
+
 def _selection_summary(df: pd.DataFrame, lad) -> str:
     won = df[df.returned.astype(bool)] if "returned" in df else df.iloc[:0]
     text = (f"{len(df)} candidates fine-tuned by successive halving (eta {lad.eta}): rungs at "
@@ -154,7 +178,14 @@ QUALITY_NAMES = {"kl": "KL divergence to the dense model", "loss": "cross-entrop
                  "disagreement": "disagreement with the dense model"}
 FRONT_COLUMNS = {  # pareto.csv column -> (heading, format)
     "trial": ("Trial", "{:.0f}"), "params_fraction": ("Params kept", "{:.1%}"),
-    "macs_fraction": ("MACs kept", "{:.1%}"), "family": ("Methods", "{}"),
+    "macs_fraction": ("MACs kept (sparse parts by nonzeros)", "{:.1%}"),
+    "latency_fraction": ("Latency kept, predicted", "{:.1%}"),
+    "latency_ratio_b1": ("Latency kept, batch 1 (measured)", "{:.1%}"),
+    "latency_ratio_b64": ("Latency kept, batch 64 (measured)", "{:.1%}"),
+    "latency_ms_b1": ("Latency batch 1 (ms)", "{:.2f}"),
+    "fresh_latency_ratio_b1": ("Latency kept, batch 1, fresh process", "{:.1%}"),
+    "prediction_error": ("Latency prediction error", "{:+.1%}"),
+    "family": ("Methods", "{}"),
     "top1_calibration": ("Top-1 calibration (%)", "{:.2f}"),
     "test_top1_before": ("Top-1 test, before fine-tune (%)", "{:.2f}"),
     "returned": ("Returned", "{}"),
@@ -204,6 +235,8 @@ def write_search_report(study, out: str | Path, cfg, table, inv, lad=None) -> Pa
         df = pd.read_csv(pareto_csv)
         if lad is not None:
             sections.append(("Selection", f"<p>{html.escape(_selection_summary(df, lad))}</p>"))
+        if _speed_summary(df):
+            sections.append(("Speed", f"<p>{html.escape(_speed_summary(df))}</p>"))
         sections.append(("Candidates", front_table(df, cfg.quality)))
         if any(c.startswith("val_top1_step_") for c in df):
             figs = {"halving.png": halving_figure(df), **figs}

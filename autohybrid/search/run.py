@@ -21,7 +21,6 @@ import torch
 
 from autohybrid.allocation import Allocation
 from autohybrid.config import SearchConfig
-from autohybrid.cost import allocation_cost
 from autohybrid.exceptions import BudgetError, ConfigError
 from autohybrid.inventory import inventory, model_input_size
 from autohybrid.io import atomic_path, atomic_write_text, remove_stale_temps
@@ -37,6 +36,7 @@ from autohybrid.search.select import (
     resolve_device,
     search_row,
 )
+from autohybrid.search.speed import measure_speed
 from autohybrid.search.study import (
     SearchStudy,
     fit_meta,
@@ -62,7 +62,7 @@ def smallest_fraction(ps: ParamSpace) -> float:
             best = None
             for m in g.methods[1:]:
                 spec = ps.spec(ps.inv[name], m, LEVELS[-1] * MIN_SCALE, 0.5)
-                cost = allocation_cost(ps.inv, {name: spec}).fraction(ps.metric)
+                cost = ps.fraction({name: spec})
                 if best is None or cost < best[0]:
                     best = (cost, spec)
             if best:
@@ -128,6 +128,21 @@ def load_model(cfg: SearchConfig) -> tuple[torch.nn.Module, tuple[int, int, int]
     return model, size
 
 
+def latency_table(cfg: SearchConfig, model, inv, space):
+    """The per-layer latency table of ``model`` on ``cfg.runtime`` (``latency/``: measured
+    once per machine, runtime, threads, input size and batch; resumed when interrupted)."""
+    from autohybrid.latency import measure_table
+
+    threads = cfg.threads or torch.get_num_threads()
+    console.rule(f"latency table: {cfg.runtime}, {threads} thread(s), batch "
+                 f"{cfg.latency_batch}")
+    table = measure_table(model, inv, space, runtime=cfg.runtime, threads=threads,
+                          batch=cfg.latency_batch, folder=Path(cfg.out) / "latency")
+    console.print(f"dense model {1e3 * table.model_s:.2f} ms; table measured in "
+                  f"{table.seconds:.0f} s")
+    return table
+
+
 def setup_search(cfg: SearchConfig) -> SearchSetup:
     """Stage 1: model, data, input statistics (``sensitivity/stats-*.safetensors``) and the
     sensitivity table (``sensitivity/``), the layer groups, the evaluator, the warm starts.
@@ -142,8 +157,9 @@ def setup_search(cfg: SearchConfig) -> SearchSetup:
     data = load_data(cfg.data, model, input_size=size)
     inv = inventory(model, size)
     space = load_search_space(cfg.model, cfg.search_space)
+    latency = latency_table(cfg, model, inv, space) if cfg.metric == "latency" else None
     check_reachable(ParamSpace(space, inv, group_layers(space, inv, None, 10**9, 0),
-                               cfg.metric), cfg.budget)
+                               cfg.metric, latency), cfg.budget)
     val = cfg.val if cfg.val is not None else min(1000, len(data.train) // 5)
     splits = data.splits(cfg.calib, val, seed=cfg.seed)  # too small a split: before any file
     storage = get_storage(cfg.storage, out)  # fail early on a bad URL
@@ -165,7 +181,7 @@ def setup_search(cfg: SearchConfig) -> SearchSetup:
     write_sensitivity_report(table, out / "sensitivity",
                              cfg.quality if cfg.quality == "kl" else "dloss")
     groups = group_layers(space, inv, table.df, cfg.max_groups, cfg.seed)
-    ps = ParamSpace(space, inv, groups, cfg.metric)
+    ps = ParamSpace(space, inv, groups, cfg.metric, latency)
     evaluator = Evaluator(model, inv, x, y, _trial_recal(cfg.bn_recal), cfg.recal_images,
                           cfg.batch_size, stats=stats, fit=fit, quality=cfg.quality)
     warm = warm_starts(ps, table.df, model, cfg.budget, stats)
@@ -207,6 +223,7 @@ def run_search(cfg: SearchConfig) -> Path:
     study = run_study(setup)
     write_front(study, out, cfg.budget)
     rows, lad = run_selection(setup, study)
+    rows = measure_speed(setup, rows)
     write_pareto(rows, out)
     write_search_report(study, out, cfg, setup.table, setup.inv, lad)
     console.print(f"done in {time.time() - t0:.0f} s: {out}/pareto.csv, {out}/report.html")

@@ -325,6 +325,21 @@ class Selection:
         return Allocation.load(self.out / "allocations" / f"trial-{c:04d}.yaml",
                                self.setup.inv)
 
+    def deploy_alloc(self, c: int):
+        """Candidate ``c``'s allocation with, under a latency table, each layer's fastest
+        measured form (``load(path, deploy=True)`` runs in them)."""
+        alloc = self.alloc(c)
+        table = self.setup.ps.latency
+        if table is not None:
+            from autohybrid.latency import best_forms
+
+            key = table.key
+            alloc.meta["deploy"] = {
+                "runtime": key["runtime"], "threads": key["threads"], "batch": key["batch"],
+                "machine": key["machine"],
+                "forms": best_forms(table, self.setup.inv, alloc.layers)}
+        return alloc
+
     def fitted(self, c: int) -> torch.nn.Module:
         """Candidate ``c`` as handed on by the search: sequentially refit to the calibration
         images, BatchNorm recalibration on or off chosen on the validation images."""
@@ -406,7 +421,7 @@ class Selection:
         if "test_top1_after" not in t.user_attrs or not path.is_dir():
             small = self.tune(winner, self.ladder.full)
             top1 = self.test_top1(small)
-            export(small.cpu(), self.alloc(winner), path)
+            export(small.cpu(), self.deploy_alloc(winner), path)
             self.stage.set_attr(winner, "test_top1_after", top1)
             self.stage.set_attr(winner, "model", f"models/trial-{winner:04d}")
         self.stage.finish(winner, t.intermediate_values[self.ladder.full])

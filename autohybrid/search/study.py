@@ -23,7 +23,6 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autohybrid.config import SearchConfig
-from autohybrid.cost import allocation_cost
 from autohybrid.exceptions import ConfigError
 from autohybrid.io import pid_alive
 from autohybrid.search.local import apply_move, moves
@@ -36,7 +35,7 @@ __all__ = ["SearchStudy", "Ready", "Settled", "TrialSeededSampler", "pareto_fron
            "trial_layers", "make_sampler", "within_budget", "origin", "STUDY_KEYS"]
 
 STUDY_KEYS = ("fingerprint", "budget", "metric", "space", "quality", "groups", "calib", "seed",
-              "fit")
+              "fit", "latency")
 SCREEN_AFTER = 8
 SCREEN_FACTOR = 2.0
 MAX_SCREENED_IN_A_ROW = 3
@@ -220,6 +219,7 @@ class SearchStudy:
             "quality": self.cfg.quality, "groups": [list(g.layers) for g in self.ps.groups],
             "calib": self.cfg.calib, "seed": self.cfg.seed, "fit": fit_meta(self.cfg),
             "data": self.cfg.data,
+            "latency": self.ps.latency.key if self.ps.latency is not None else None,
         }
 
     def open(self, warm: dict[str, dict[str, LayerSpec]] | None = None,
@@ -323,10 +323,12 @@ class SearchStudy:
             layers, scale = self.ps.repair(params, self.cfg.budget)
             trial.set_user_attr("allocation", _dump(layers))
             trial.set_user_attr("scale", scale)
-        c = allocation_cost(self.ps.inv, layers)
+        c = self.ps.cost(layers)
         frac = c.fraction(self.cfg.metric)
         trial.set_user_attr("params_fraction", c.params_fraction)
         trial.set_user_attr("macs_fraction", c.macs_fraction)
+        if c.latency is not None:
+            trial.set_user_attr("latency_fraction", c.latency_fraction)
         trial.set_user_attr("constraint", frac - self.cfg.budget)
         trial.set_constraint("budget", frac - self.cfg.budget)
         if frac > self.cfg.budget:  # cannot be made to fit: infeasible, never evaluated

@@ -21,7 +21,6 @@ import pandas as pd
 import torch
 
 from autohybrid.allocation import search_level
-from autohybrid.cost import allocation_cost
 from autohybrid.exceptions import BudgetError
 from autohybrid.methods import HYBRID, LOWRANK, family
 from autohybrid.methods.sparse import SALIENCY_KINDS
@@ -53,7 +52,7 @@ def uniform(ps: ParamSpace, budget: float):
 
     try:
         specs, _ = search_level(ps.inv, lambda la, x: ps.spec(la, method(la.name), x), budget,
-                                ps.metric, layers=layers)
+                                ps.metric, layers=layers, latency=ps.latency)
     except BudgetError:
         return None
     return {n: s for n, s in specs.items() if s.method != "dense"}
@@ -64,7 +63,10 @@ def threshold(ps: ParamSpace, table: pd.DataFrame, column: str, budget: float):
     Cheapest in the budget's metric: a tensor-train Linear holds few params and many MACs."""
     options = {}
     for name, rows in table.groupby("layer", sort=False):
-        rows = rows.sort_values([ps.metric, "params" if ps.metric == "macs" else "macs"],
+        if ps.metric == "latency":  # the table's predicted seconds, then params
+            rows = rows.assign(latency=[ps.layer_cost(ps.inv[name], spec_from_row(r))
+                                        for _, r in rows.iterrows()])
+        rows = rows.sort_values([ps.metric, "params" if ps.metric != "params" else "macs"],
                                 kind="stable")
         options[name] = [(float(r[column]), spec_from_row(r)) for _, r in rows.iterrows()]
 
@@ -143,11 +145,11 @@ def global_threshold(ps: ParamSpace, scores: dict[str, torch.Tensor], budget: fl
         return out
 
     lo, hi = 0, len(all_w) - 1  # fewest pruned weights that fit
-    if allocation_cost(ps.inv, at(hi)).fraction(ps.metric) > budget:
+    if ps.fraction(at(hi)) > budget:
         return None
     while lo < hi:
         mid = (lo + hi) // 2
-        if allocation_cost(ps.inv, at(mid)).fraction(ps.metric) <= budget:
+        if ps.fraction(at(mid)) <= budget:
             hi = mid
         else:
             lo = mid + 1

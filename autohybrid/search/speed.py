@@ -1,0 +1,54 @@
+"""Stage 4: every result states its speed.
+
+Each row of ``pareto.csv`` gets its measured latency beside the dense model's, at batch 1
+and at the latency batch (64 unless ``--latency-batch`` says otherwise), on ``--runtime`` at
+``--threads``: the row's allocation built with random values in its deploy forms (the
+fastest the latency table measured, or the sparse parts precomputed without a table), timed
+interleaved with the dense model in this process. The returned model is timed again from
+its exported files in a fresh process, and under a latency budget the table's prediction is
+set against that measurement.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from autohybrid.allocation import Allocation
+from autohybrid.latency import best_forms, measure_export, random_model, speed
+from autohybrid.progress import bar, console
+
+__all__ = ["speed_batches", "measure_speed"]
+
+
+def speed_batches(cfg) -> list[int]:
+    return sorted({1, cfg.latency_batch if cfg.latency_batch > 1 else 64})
+
+
+def measure_speed(setup, rows: list[dict]) -> list[dict]:
+    """``rows`` with their measured speed (columns ``latency_ratio_b{N}``, ``latency_ms_b{N}``,
+    ``dense_ms_b{N}``; ``latency_fraction`` predicted under a latency table; for the returned
+    model ``fresh_latency_ratio_b{N}`` and, with a table, ``prediction_error``)."""
+    cfg, inv, table = setup.cfg, setup.inv, setup.ps.latency
+    out = Path(cfg.out)
+    threads = cfg.threads or torch.get_num_threads()
+    batches = speed_batches(cfg)
+    console.rule(f"speed: {len(rows)} result(s), {cfg.runtime}, {threads} thread(s), "
+                 f"batch {' and '.join(map(str, batches))}")
+    for row in bar(rows, desc="speed of the results"):
+        layers = Allocation.load(out / row["allocation"], inv).layers
+        forms = best_forms(table, inv, layers) if table is not None else {}
+        if table is not None:
+            row["latency_fraction"] = round(table.fraction(inv, layers), 4)
+        model = random_model(setup.model, inv, layers, forms)
+        row.update(speed(model, setup.model, setup.size, batches, cfg.runtime, threads),
+                   runtime=cfg.runtime, threads=threads)
+        if row.get("model"):
+            fresh = measure_export(out / row["model"], batches, cfg.runtime, threads)
+            row.update({f"fresh_{k}": v for k, v in fresh.items()
+                        if k.startswith("latency_ratio")})
+            if table is not None:
+                measured = fresh[f"latency_ratio_b{table.key['batch']}"]
+                row["prediction_error"] = round(row["latency_fraction"] / measured - 1, 4)
+    return rows
