@@ -156,13 +156,12 @@ class LatencyTable:
         return xs, ys
 
     def ratio(self, layer: LayerInfo, spec: LayerSpec) -> float:
-        """``spec``'s time over the dense layer's, in its fastest form: measured, or
-        interpolated between the measured specs of its family."""
+        """``spec``'s time over the dense layer's, in its fastest form, on its family's
+        curve: the measured specs' ratios made non-decreasing in the kept fraction (running
+        max: a spec keeping more is not believed faster, noise aside), interpolated between
+        them. A measured spec reads its own ratio unless noise put it below a smaller one."""
         if spec.method == "dense":
             return 1.0
-        best = self.best_form(layer.name, spec)
-        if best is not None:
-            return best[1]
         xs, ys = self._curve(layer.name, _family(layer, spec))
         if len(xs) == 0:
             raise ConfigError(
@@ -357,11 +356,14 @@ def measure_model_seconds(model: nn.Module, input_size, batch: int, run: _Runner
 
 def measure_table(model: nn.Module, inv: Inventory, space, *, runtime: str = "torch",
                   threads: int | None = None, batch: int = 1, folder: str | Path,
-                  progress: bool | None = True) -> LatencyTable:
-    """The latency table of ``model``'s compressible layers under ``space``, measured (or
-    loaded from ``folder``, where it is cached and resumed)."""
+                  progress: bool | None = True, levels: Iterable[float] | None = None,
+                  shares: Iterable[float] | None = None) -> LatencyTable:
+    """The latency table of ``model``'s compressible layers under ``space`` at ``levels`` /
+    ``shares`` (default: the search's), measured, or loaded from ``folder`` where it is
+    cached and resumed."""
     from autohybrid.search.params import LEVELS, SHARES
 
+    levels, shares = tuple(levels or LEVELS), tuple(shares or SHARES)
     threads = threads or torch.get_num_threads()
     key = table_key(runtime, threads, inv.input_size, batch, inv.fingerprint)
     path = LatencyTable.path_for(Path(folder), key)
@@ -369,7 +371,7 @@ def measure_table(model: nn.Module, inv: Inventory, space, *, runtime: str = "to
         else LatencyTable(key)
     if table.key != key:
         table = LatencyTable(key)
-    candidates = _candidates(space, inv, LEVELS, SHARES)
+    candidates = _candidates(space, inv, levels, shares)
     todo = [n for n, specs in candidates.items()
             if n not in table.dense_s or any(spec_key(s) not in table.rows.get(n, {})
                                              for s in specs)]

@@ -129,15 +129,18 @@ def load_model(cfg: SearchConfig) -> tuple[torch.nn.Module, tuple[int, int, int]
 
 
 def latency_table(cfg: SearchConfig, model, inv, space):
-    """The per-layer latency table of ``model`` on ``cfg.runtime`` (``latency/``: measured
-    once per machine, runtime, threads, input size and batch; resumed when interrupted)."""
+    """The per-layer latency table of ``model`` on ``cfg.runtime``: measured once per
+    machine, runtime, threads, input size and batch, kept in the user cache
+    (``$AUTOHYBRID_CACHE/latency``, default ``~/.cache/autohybrid/latency``) for every later
+    search of this model, and resumed when interrupted."""
+    from autohybrid.demo import cache_dir
     from autohybrid.latency import measure_table
 
     threads = cfg.threads or torch.get_num_threads()
     console.rule(f"latency table: {cfg.runtime}, {threads} thread(s), batch "
                  f"{cfg.latency_batch}")
     table = measure_table(model, inv, space, runtime=cfg.runtime, threads=threads,
-                          batch=cfg.latency_batch, folder=Path(cfg.out) / "latency")
+                          batch=cfg.latency_batch, folder=cache_dir() / "latency")
     console.print(f"dense model {1e3 * table.model_s:.2f} ms; table measured in "
                   f"{table.seconds:.0f} s")
     return table

@@ -1,0 +1,103 @@
+"""`--metric latency` end to end: the table feeds the search, every trial is within the
+budget by its prediction, the returned model is exported in the forms the table timed
+fastest and timed again in a fresh process.
+
+The per-layer timings are made deterministic (a fixed ratio per form; the model 20x a layer),
+so the budget and the forms do not depend on this machine's load; the fresh-process timing
+of the returned model is real."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import autohybrid as ah
+from autohybrid import latency as lat
+from autohybrid.config import SearchConfig
+from autohybrid.deploy import forms_for
+from autohybrid.models import create_model
+from autohybrid.search.run import run_search
+
+SPACE = """
+name: tiny
+include: ["layer3.*"]
+methods: {conv: [sparse, tucker2, lowrank+sparse]}
+factorizations: {conv: tucker2}
+rank_ratios: [0.5, 0.25]
+sparsities: [0.5, 0.9]
+hybrid_rank_ratios: [0.25]
+hybrid_sparsities: [0.9]
+refine: 0
+"""
+RATIOS = {"chain": 0.5, "branches": 1.3, "branches-csr": 1.6, "csr": 0.9}
+
+
+def fake_timer(fns, reference, rounds=lat.ROUNDS, min_call_s=lat.MIN_CALL_S):
+    t = 0.02 if reference in ("model", "dense") else 1e-3
+    return {n: RATIOS.get(n, 1.0) for n in fns}, t
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    d = tmp_path_factory.mktemp("latency")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AUTOHYBRID_CACHE", str(d / "cache"))  # never the user's real table
+        mp.setattr(lat, "time_interleaved", fake_timer)
+        torch.manual_seed(0)
+        ckpt = d / "r20.pth"
+        torch.save(create_model("cifar_resnet20").state_dict(), ckpt)
+        (d / "space.yaml").write_text(SPACE)
+        cfg = SearchConfig(model="cifar_resnet20", checkpoint=str(ckpt), data="digits",
+                           input_size=[3, 32, 32], budget=0.9, metric="latency", threads=1,
+                           trials=4, population=4, calib=64, batch_size=64, val=60,
+                           candidates=2, finetune_steps=2, search_space=str(d / "space.yaml"),
+                           out=str(d / "out"))
+        out = run_search(cfg)
+    return cfg, out, d
+
+
+def test_the_table_is_cached_per_machine_outside_the_output_folder(run):
+    cfg, out, d = run
+    tables = list((d / "cache" / "latency").glob("latency-torch-*.json"))
+    assert len(tables) == 1 and not list(out.rglob("latency-*.json"))
+    table = lat.LatencyTable.from_dict(__import__("json").loads(tables[0].read_text()))
+    assert table.key["threads"] == 1 and table.key["machine"] == lat.machine_id()
+    assert len(table.dense_s) == 6  # the space's layers (layer3.*)
+
+
+def test_every_trial_is_within_the_latency_budget_by_its_prediction(run):
+    import optuna
+
+    cfg, out, _ = run
+    study = optuna.load_study(study_name="cifar_resnet20-latency-0.9",
+                              storage=f"sqlite:///{out / 'study.db'}")
+    done = [t for t in study.trials if t.state.name == "COMPLETE"
+            and not t.user_attrs.get("infeasible")]
+    assert done
+    for t in done:
+        assert t.user_attrs["latency_fraction"] <= cfg.budget + 1e-9
+        assert t.values[1] == pytest.approx(t.user_attrs["latency_fraction"])
+    front = pd.read_csv(out / "pareto.csv")
+    assert (front.latency_fraction <= cfg.budget + 1e-4).all()
+
+
+def test_the_returned_model_runs_in_the_forms_the_table_timed_fastest(run):
+    cfg, out, d = run
+    front = pd.read_csv(out / "pareto.csv")
+    won = front[front.returned].iloc[0]
+    alloc = ah.Allocation.load(out / won.model / "allocation.yaml")
+    forms = alloc.meta["deploy"]["forms"]
+    assert set(forms) == set(alloc.layers)
+    for name, spec in alloc.layers.items():
+        ratios = {f: RATIOS.get(f, 1.0) for f in forms_for(
+            ah.inventory(create_model("cifar_resnet20"), (3, 32, 32)).by_name[name], spec)}
+        assert ratios[forms[name]] == min(ratios.values()), (name, spec, forms[name])
+    # timed again from its files in a fresh process (real timing), the prediction set
+    # against it
+    for col in ("fresh_latency_ratio_b1", "fresh_latency_ratio_b64", "prediction_error"):
+        assert won[col] == won[col], col
+    assert won.fresh_latency_ratio_b1 > 0
+    page = (out / "report.html").read_text()
+    assert "Speed" in page and "fresh process" in page
+    assert "Latency kept, predicted" in page

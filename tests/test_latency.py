@@ -1,0 +1,186 @@
+"""The latency table: its cache key, its arithmetic, and that a layer is never exported in a
+form slower than the one the table timed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import autohybrid as ah
+from autohybrid import latency as lat
+from autohybrid.cost import allocation_cost
+from autohybrid.deploy import Branches, CSRLinear, deploy, forms_for
+from autohybrid.exceptions import ConfigError
+from autohybrid.export import export, load
+from autohybrid.search_space import SearchSpace
+from autohybrid.spec import LayerSpec
+from autohybrid.testing import TINY_INPUT, tiny_inventory
+
+MODEL, INV = tiny_inventory()
+SPACE = SearchSpace(name="tiny", methods={"linear": ["sparse", "svd", "lowrank+sparse"]},
+                    factorizations={"linear": "svd"})
+
+
+@pytest.fixture
+def fake_timer(monkeypatch):
+    """Deterministic 'timings': a form's ratio is a fixed number per form; counts calls."""
+    calls = []
+    ratio = {"__dense__": 1.0, "chain": 0.6, "branches": 1.4, "branches-csr": 1.8, "csr": 0.5,
+             "model": 1.0, "built": 1.0}
+
+    def timer(fns, reference, rounds=lat.ROUNDS, min_call_s=lat.MIN_CALL_S):
+        calls.append(sorted(fns))
+        return {n: ratio.get(n, 1.0) for n in fns}, 1e-3
+
+    monkeypatch.setattr(lat, "time_interleaved", timer)
+    return calls
+
+
+def measure(tmp_path, **kw):
+    opts = dict(runtime="torch", threads=1, batch=1, folder=tmp_path, progress=False,
+                levels=(0.5, 0.2), shares=(0.5,))
+    opts.update(kw)
+    return lat.measure_table(MODEL, INV, SPACE, **opts)
+
+
+def test_cache_key_names_machine_runtime_threads_input_size_batch(tmp_path, fake_timer):
+    key = lat.table_key("torch", 1, TINY_INPUT, 1, INV.fingerprint)
+    assert {"machine", "runtime", "threads", "input_size", "batch", "fingerprint"} <= set(key)
+    assert key["machine"] == lat.machine_id() and key["input_size"] == list(TINY_INPUT)
+    paths = {lat.LatencyTable.path_for(tmp_path, lat.table_key(*args, INV.fingerprint,
+                                                                machine=m))
+             for *args, m in [("torch", 1, TINY_INPUT, 1, "a"), ("torch", 2, TINY_INPUT, 1, "a"),
+                              ("onnxruntime", 1, TINY_INPUT, 1, "a"),
+                              ("torch", 1, (3, 16, 16), 1, "a"), ("torch", 1, TINY_INPUT, 8, "a"),
+                              ("torch", 1, TINY_INPUT, 1, "b")]}
+    assert len(paths) == 6  # every part of the key makes another file
+
+    table = measure(tmp_path)
+    first = len(fake_timer)
+    assert first > 0 and table.model_s > 0
+    again = measure(tmp_path)  # cached: nothing timed
+    assert len(fake_timer) == first and again.to_dict() == table.to_dict()
+    measure(tmp_path, threads=2)  # other threads: measured anew, in another file
+    assert len(fake_timer) > first
+    assert len(list(tmp_path.glob("latency-torch-*.json"))) == 2
+    stored = json.loads(lat.LatencyTable.path_for(tmp_path, table.key).read_text())
+    assert stored["key"]["threads"] == 1
+
+
+def test_an_unknown_runtime_is_refused():
+    with pytest.raises(ConfigError, match="unknown runtime 'tflite'"):
+        lat.table_key("tflite", 1, TINY_INPUT, 1, INV.fingerprint)
+
+
+def test_prediction_is_the_dense_time_less_what_each_layer_saves(tmp_path, fake_timer):
+    table = measure(tmp_path)
+    tok = INV.by_name["tok"]
+    spec = ah.LayerSpec("svd", rank=(4,))
+    table.rows["tok"], table._curves = {}, {}
+    table.rows["tok"][lat.spec_key(spec)] = {"chain": 0.25, "dense": 1.0}
+    table.kept["tok"][lat.spec_key(spec)] = lat.kept_fraction(tok, spec)
+    table.families["tok"][lat.spec_key(spec)] = lat._family(tok, spec)
+    table.model_s, table.dense_s["tok"] = 0.010, 0.004
+    assert table.ratio(tok, spec) == 0.25
+    assert table.predict(INV, {"tok": spec}) == pytest.approx(0.010 - 0.004 * 0.75)
+    c = allocation_cost(INV, {"tok": spec}, table)
+    assert c.fraction("latency") == pytest.approx(0.7)
+    assert c.params == allocation_cost(INV, {"tok": spec}).params
+    with pytest.raises(ConfigError, match="latency table"):
+        allocation_cost(INV, {"tok": spec}).fraction("latency")
+
+
+def test_between_levels_the_ratio_is_interpolated_and_never_falls_as_kept_rises(
+        tmp_path, fake_timer):
+    table = measure(tmp_path)
+    tok = INV.by_name["tok"]
+    table.rows["tok"] = {}
+    table.kept["tok"], table.families["tok"] = {}, {}
+    for rank, ratio in ((2, 0.3), (8, 0.5), (12, 0.45)):  # a noisy dip at rank 12
+        s = ah.LayerSpec("svd", rank=(rank,))
+        k = lat.spec_key(s)
+        table.rows["tok"][k] = {"chain": ratio, "dense": 1.0}
+        table.kept["tok"][k], table.families["tok"][k] = lat.kept_fraction(tok, s), \
+            lat._family(tok, s)
+    table._curves.clear()
+    ratios = [table.ratio(tok, ah.LayerSpec("svd", rank=(r,))) for r in range(2, 13)]
+    assert ratios[0] == 0.3 and ratios[6] == 0.5
+    assert 0.3 < table.ratio(tok, ah.LayerSpec("svd", rank=(5,))) < 0.5
+    assert all(b >= a for a, b in zip(ratios, ratios[1:]))  # the dip is not believed
+
+
+def test_a_spec_is_never_exported_slower_than_the_form_the_table_timed(tmp_path, fake_timer):
+    table = measure(tmp_path)
+    tok = INV.by_name["tok"]
+    layers = {"tok": ah.LayerSpec("sparse", sparsity=0.9),
+              "head": ah.LayerSpec("lowrank+sparse", factorization="svd", rank=(2,),
+                                   sparsity=0.95)}
+    # a spec between the table's levels is measured before its form is chosen
+    assert table.forms("tok", layers["tok"]) is None
+    forms = lat.best_forms(table, INV, layers)
+    for name, spec in layers.items():
+        timed = table.forms(name, spec)
+        assert timed is not None and set(timed) == set(forms_for(INV.by_name[name], spec))
+        assert timed[forms[name]] == min(timed.values())
+    assert forms == {"tok": "csr", "head": "dense"}  # the fake timer's fastest
+
+    small = ah.apply(MODEL, ah.Allocation.for_inventory(INV, layers), INV)
+    alloc = ah.Allocation.for_inventory(INV, layers)
+    alloc.meta["deploy"] = {"runtime": "torch", "forms": forms}
+    export(small, alloc, tmp_path / "m")
+    fast = load(tmp_path / "m", model=tiny_inventory()[0], deploy=True)
+    assert isinstance(fast.get_submodule("tok"), CSRLinear)
+    assert isinstance(fast.get_submodule("head"), torch.nn.Linear)  # folded L + S
+    x = torch.randn(4, *TINY_INPUT)
+    with torch.no_grad():
+        want, got = small.eval()(x), fast(x)
+    assert float((got - want).norm() / want.norm()) <= 1e-5
+    assert tok.name == "tok"
+
+
+def test_without_recorded_forms_deploy_precomputes_the_sparse_parts():
+    layers = {"tok": ah.LayerSpec("lowrank+sparse", factorization="svd", rank=(3,),
+                                  sparsity=0.8)}
+    small = ah.apply(MODEL, ah.Allocation.for_inventory(INV, layers), INV)
+    import copy
+
+    fast = deploy(copy.deepcopy(small), layers, {}, INV)
+    branch = fast.get_submodule("tok")
+    assert isinstance(branch, Branches) and isinstance(branch.sparse, torch.nn.Linear)
+    x = torch.randn(2, *TINY_INPUT)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), small.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_form_a_layer_cannot_take_is_refused():
+    from autohybrid.deploy import deploy_module
+
+    layer = INV.by_name["conv"]  # 3x3, stride 2: no CSR form
+    spec = ah.LayerSpec("sparse", sparsity=0.5)
+    module = lat.random_module(layer, spec)
+    with pytest.raises(ConfigError, match="does not apply"):
+        deploy_module(module, layer, spec, "csr")
+
+
+def test_real_timing_of_a_tiny_table_is_finite_and_keyed(tmp_path, monkeypatch):
+    monkeypatch.setattr(lat, "ROUNDS", 3)
+    monkeypatch.setattr(lat, "MIN_CALL_S", 2e-4)
+    table = lat.measure_table(MODEL, INV, SearchSpace(name="t", methods={"linear": ["svd"]}),
+                              threads=1, folder=tmp_path, progress=False, levels=(0.3,))
+    assert set(table.dense_s) == {"tok", "head"}
+    for rows in table.rows.values():
+        for forms in rows.values():
+            assert set(forms) == {"chain", "dense"} and forms["dense"] == 1.0
+            assert 0 < forms["chain"] < 1e3
+    assert 0 < table.fraction(INV, {}) == 1.0
+
+
+def test_speed_columns_of_a_random_model_in_its_forms():
+    layers = {"tok": LayerSpec("svd", rank=(2,))}
+    model = lat.random_model(MODEL, INV, layers, {"tok": "chain"})
+    cols = lat.speed(model, MODEL, TINY_INPUT, [1, 4], threads=1)
+    assert set(cols) == {f"{k}_b{b}" for k in ("latency_ratio", "latency_ms", "dense_ms")
+                         for b in (1, 4)}
+    assert all(v > 0 for v in cols.values())
