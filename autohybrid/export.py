@@ -306,9 +306,23 @@ def load(path: str | Path, model: nn.Module | None = None, deploy: bool = False)
     return model
 
 
-def export_onnx(model: nn.Module, path: str | Path, input_size, batch: int = 1) -> Path:
-    """Export to ONNX (dynamic batch) atomically."""
+ONNX_FORMS = {"csr": "dense", "branches-csr": "branches"}  # ONNX has no sparse matmul
+
+
+def export_onnx(model: nn.Module, path: str | Path, input_size, batch: int = 1,
+                alloc: Allocation | None = None, inv=None) -> Path:
+    """Export to ONNX (dynamic batch) atomically. With the model's ``alloc`` and the dense
+    model's ``inv``, each compressed layer is exported in its deploy form (recorded at
+    export, CSR as its dense equivalent; without one, sparse parts precomputed) rather than
+    the scatter it trains with; the file is checked against the PyTorch model with ONNX
+    Runtime when installed (``ModelError`` past 1e-4 relative)."""
     model = model.eval()
+    if alloc is not None and inv is not None:
+        from autohybrid.deploy import deploy
+
+        forms = (alloc.meta.get("deploy") or {}).get("forms") or {}
+        model = deploy(copy.deepcopy(model), alloc.layers,
+                       {n: ONNX_FORMS.get(f, f) for n, f in forms.items()}, inv)
     x = torch.zeros(batch, *input_size)
     with atomic_path(path) as tmp:
         torch.onnx.export(
@@ -320,4 +334,21 @@ def export_onnx(model: nn.Module, path: str | Path, input_size, batch: int = 1) 
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             dynamo=False,
         )
+        _check_onnx(model, tmp, input_size)
     return Path(path)
+
+
+def _check_onnx(model: nn.Module, path, input_size) -> None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+    with torch.no_grad():
+        want = model(x)
+    err = float((got - want).norm() / want.norm().clamp_min(1e-12))
+    if not err <= 1e-4:
+        raise ModelError(f"the ONNX export differs from the PyTorch model by {err:.2e} "
+                         "(relative); report this model and allocation")

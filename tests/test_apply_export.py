@@ -123,6 +123,17 @@ def test_onnx_parity(compressed, name, tmp_path):
     with torch.no_grad():
         want = small(x).numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # in its deploy forms (sparse parts precomputed, one L+S layer folded): no scatter left
+    import onnx
+
+    forms = {n: "dense" for n, s in list(alloc.layers.items())[:1]}
+    alloc2 = ah.Allocation.from_dict({**alloc.to_dict(), "meta": {"deploy": {"forms": forms}}})
+    fast = ah.export_onnx(small, tmp_path / "fast.onnx", size, alloc=alloc2, inv=inv)
+    ops = {n.op_type for n in onnx.load(str(fast)).graph.node}
+    assert "ScatterElements" not in ops and "ScatterND" not in ops, ops
+    sess = ort.InferenceSession(str(fast), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"input": x.numpy()})
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_compressed_model_trains(compressed):

@@ -184,3 +184,18 @@ def test_speed_columns_of_a_random_model_in_its_forms():
     assert set(cols) == {f"{k}_b{b}" for k in ("latency_ratio", "latency_ms", "dense_ms")
                          for b in (1, 4)}
     assert all(v > 0 for v in cols.values())
+
+
+def test_onnxruntime_tables_time_the_exported_forms(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(lat, "ROUNDS", 3)
+    monkeypatch.setattr(lat, "MIN_CALL_S", 2e-4)
+    space = SearchSpace(name="t", methods={"linear": ["sparse", "lowrank+sparse"]},
+                        factorizations={"linear": "svd"})
+    table = lat.measure_table(MODEL, INV, space, runtime="onnxruntime", threads=1,
+                              folder=tmp_path, progress=False, levels=(0.3,), shares=(0.5,))
+    assert table.key["runtime"] == "onnxruntime"
+    forms = {f for rows in table.rows.values() for fs in rows.values() for f in fs}
+    assert forms == {"dense", "branches"}  # no CSR: ONNX has no sparse matmul to export
+    assert all(0 < r < 1e3 for rows in table.rows.values() for fs in rows.values()
+               for r in fs.values())

@@ -75,7 +75,7 @@ def run(args) -> int:
                                     args.calib, args.seed)
     out = ah.export(small, alloc, args.out)
     if args.onnx:
-        ah.export_onnx(small, Path(out) / "model.onnx", inv.input_size)
+        ah.export_onnx(small, Path(out) / "model.onnx", inv.input_size, alloc=alloc, inv=inv)
     print(f"counted: {alloc.cost(inv)}")
     print(f"wrote {out}/")
     return 0

@@ -142,7 +142,8 @@ def run(args) -> int:
     print(f"after:  {_result({**history, 'loss': history['eval_loss']})}")
     out = ah.export(student, alloc, args.out)
     if args.onnx:
-        ah.export_onnx(student, Path(out) / "model.onnx", alloc.input_size)
+        ah.export_onnx(student, Path(out) / "model.onnx", alloc.input_size, alloc=alloc,
+                       inv=inv)
     if inv is not None:
         print(f"counted: {alloc.cost(inv)}")
     print(f"wrote {out}/")
