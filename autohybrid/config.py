@@ -49,6 +49,7 @@ class SearchConfig:
     runtime: str = "torch"  # latency's target: torch (eager, CPU) | onnxruntime (CPU)
     latency_batch: int = 1  # the batch size the latency budget is measured at
     threads: int | None = None  # latency's thread count (default: torch's, as run)
+    speed: bool = True  # time every result beside the dense model (pareto.csv's latency)
     search_space: str | None = None
     out: str = "autohybrid-out"
     storage: str | None = None

@@ -28,11 +28,12 @@ def fake_timer(monkeypatch):
     """Deterministic 'timings': a form's ratio is a fixed number per form; counts calls."""
     calls = []
     ratio = {"__dense__": 1.0, "chain": 0.6, "branches": 1.4, "branches-csr": 1.8, "csr": 0.5,
-             "model": 1.0, "built": 1.0}
+             "model": 1.0, "built": 1.0, "probe": 0.9}
 
     def timer(fns, reference, rounds=lat.ROUNDS, min_call_s=lat.MIN_CALL_S):
         calls.append(sorted(fns))
-        return {n: ratio.get(n, 1.0) for n in fns}, 1e-3
+        t = 0.02 if reference in ("model", "dense") else 1e-3  # the model 20x a layer
+        return {n: ratio.get(n, 1.0) for n in fns}, t
 
     monkeypatch.setattr(lat, "time_interleaved", timer)
     return calls
@@ -69,6 +70,18 @@ def test_cache_key_names_machine_runtime_threads_input_size_batch(tmp_path, fake
     assert stored["key"]["threads"] == 1
 
 
+def test_alpha_makes_the_fastest_model_predict_what_it_measured(tmp_path, fake_timer):
+    table = measure(tmp_path)
+    fastest = table.fastest(INV)
+    alpha, table.alpha = table.alpha, 1.0
+    promised = table.model_s - table.predict(INV, fastest)  # the layers' sum, alone
+    assert fastest and promised > 0
+    assert alpha == pytest.approx(min(2.0, max(0.5, 0.1 * table.model_s / promised)))
+    table.alpha = alpha
+    assert 0.5 < alpha < 2.0
+    assert table.fraction(INV, fastest) == pytest.approx(0.9)  # the probe's fake ratio
+
+
 def test_an_unknown_runtime_is_refused():
     with pytest.raises(ConfigError, match="unknown runtime 'tflite'"):
         lat.table_key("tflite", 1, TINY_INPUT, 1, INV.fingerprint)
@@ -82,9 +95,12 @@ def test_prediction_is_the_dense_time_less_what_each_layer_saves(tmp_path, fake_
     table.rows["tok"][lat.spec_key(spec)] = {"chain": 0.25, "dense": 1.0}
     table.kept["tok"][lat.spec_key(spec)] = lat.kept_fraction(tok, spec)
     table.families["tok"][lat.spec_key(spec)] = lat._family(tok, spec)
-    table.model_s, table.dense_s["tok"] = 0.010, 0.004
+    table.model_s, table.dense_s["tok"], table.alpha = 0.010, 0.004, 1.0
     assert table.ratio(tok, spec) == 0.25
     assert table.predict(INV, {"tok": spec}) == pytest.approx(0.010 - 0.004 * 0.75)
+    table.alpha = 0.5  # the whole model saved half what its layers alone promised
+    assert table.predict(INV, {"tok": spec}) == pytest.approx(0.010 - 0.5 * 0.004 * 0.75)
+    table.alpha = 1.0
     c = allocation_cost(INV, {"tok": spec}, table)
     assert c.fraction("latency") == pytest.approx(0.7)
     assert c.params == allocation_cost(INV, {"tok": spec}).params

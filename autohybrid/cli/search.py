@@ -53,6 +53,8 @@ def register(sub) -> None:
                    "wanda")
     p.add_argument("--max-groups", type=int, help="cluster layers into at most this many")
     p.add_argument("--no-screen", action="store_true", help="evaluate every trial")
+    p.add_argument("--no-speed", action="store_true", help="do not time the results (their "
+                   "latency columns); a latency budget still measures its table")
     p.add_argument("--local-search", type=float, metavar="SHARE",
                    help="share of --trials spent on one-layer moves around the best trial "
                    "(default 0.3; 0 turns it off)")
@@ -106,6 +108,8 @@ def resolve(args) -> SearchConfig:
         base["model_args"] = model_kwargs(args.model_arg)
     if args.no_screen:
         base["screen"] = False
+    if args.no_speed:
+        base["speed"] = False
     if args.resume:
         base["resume"] = True
     cfg = SearchConfig.from_dict(base, "options")  # bad settings fail before any work

@@ -226,7 +226,8 @@ def run_search(cfg: SearchConfig) -> Path:
     study = run_study(setup)
     write_front(study, out, cfg.budget)
     rows, lad = run_selection(setup, study)
-    rows = measure_speed(setup, rows)
+    if cfg.speed:
+        rows = measure_speed(setup, rows)
     write_pareto(rows, out)
     write_search_report(study, out, cfg, setup.table, setup.inv, lad)
     console.print(f"done in {time.time() - t0:.0f} s: {out}/pareto.csv, {out}/report.html")

@@ -11,11 +11,13 @@ set against that measurement.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from autohybrid.allocation import Allocation
+from autohybrid.io import atomic_write_text
 from autohybrid.latency import best_forms, measure_export, random_model, speed
 from autohybrid.progress import bar, console
 
@@ -29,14 +31,23 @@ def speed_batches(cfg) -> list[int]:
 def measure_speed(setup, rows: list[dict]) -> list[dict]:
     """``rows`` with their measured speed (columns ``latency_ratio_b{N}``, ``latency_ms_b{N}``,
     ``dense_ms_b{N}``; ``latency_fraction`` predicted under a latency table; for the returned
-    model ``fresh_latency_ratio_b{N}`` and, with a table, ``prediction_error``)."""
+    model ``fresh_latency_ratio_b{N}`` and, with a table, ``prediction_error``). Kept in
+    ``speed.json`` per result and setting: a rerun measures only what is new."""
     cfg, inv, table = setup.cfg, setup.inv, setup.ps.latency
     out = Path(cfg.out)
     threads = cfg.threads or torch.get_num_threads()
     batches = speed_batches(cfg)
     console.rule(f"speed: {len(rows)} result(s), {cfg.runtime}, {threads} thread(s), "
                  f"batch {' and '.join(map(str, batches))}")
+    cache_path = out / "speed.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     for row in bar(rows, desc="speed of the results"):
+        key = json.dumps([row["allocation"], row.get("model"), cfg.runtime, threads, batches,
+                          table.key if table is not None else None], sort_keys=True)
+        if key in cache:
+            row.update(cache[key])
+            continue
+        before = set(row)
         layers = Allocation.load(out / row["allocation"], inv).layers
         forms = best_forms(table, inv, layers) if table is not None else {}
         if table is not None:
@@ -51,4 +62,6 @@ def measure_speed(setup, rows: list[dict]) -> list[dict]:
             if table is not None:
                 measured = fresh[f"latency_ratio_b{table.key['batch']}"]
                 row["prediction_error"] = round(row["latency_fraction"] / measured - 1, 4)
+        cache[key] = {k: v for k, v in row.items() if k not in before}
+        atomic_write_text(cache_path, json.dumps(cache, indent=1))
     return rows

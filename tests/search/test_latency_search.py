@@ -30,11 +30,12 @@ hybrid_rank_ratios: [0.25]
 hybrid_sparsities: [0.9]
 refine: 0
 """
-RATIOS = {"chain": 0.5, "branches": 1.3, "branches-csr": 1.6, "csr": 0.9}
+RATIOS = {"chain": 0.5, "branches": 1.3, "branches-csr": 1.6, "csr": 0.9,
+          "probe": 0.85}  # the whole model saves what its six layers promise: alpha 1
 
 
 def fake_timer(fns, reference, rounds=lat.ROUNDS, min_call_s=lat.MIN_CALL_S):
-    t = 0.02 if reference in ("model", "dense") else 1e-3
+    t = 0.02 if reference in ("model", "dense") else 1e-3  # the model 20x a layer
     return {n: RATIOS.get(n, 1.0) for n in fns}, t
 
 
@@ -63,6 +64,7 @@ def test_the_table_is_cached_per_machine_outside_the_output_folder(run):
     assert len(tables) == 1 and not list(out.rglob("latency-*.json"))
     table = lat.LatencyTable.from_dict(__import__("json").loads(tables[0].read_text()))
     assert table.key["threads"] == 1 and table.key["machine"] == lat.machine_id()
+    assert table.alpha == pytest.approx(1.0)
     assert len(table.dense_s) == 6  # the space's layers (layer3.*)
 
 

@@ -60,6 +60,21 @@ def test_outputs_exist(run):
     assert not list(out.rglob(".*.tmp"))
 
 
+def test_every_result_states_its_speed(run):
+    """pareto.csv: each result's measured latency beside the dense model's at batch 1 and
+    64, the runtime and threads; the returned one timed again in a fresh process."""
+    cfg, out, _ = run
+    front = pd.read_csv(out / "pareto.csv")
+    for b in (1, 64):
+        assert (front[f"latency_ratio_b{b}"] > 0).all() and (front[f"dense_ms_b{b}"] > 0).all()
+    assert set(front.runtime) == {"torch"} and front.threads.notna().all()
+    won = front[front.returned].iloc[0]
+    assert won.fresh_latency_ratio_b1 > 0 and won.fresh_latency_ratio_b64 > 0
+    assert "latency_fraction" not in front  # no table under a params budget
+    assert (out / "speed.json").is_file()
+    assert "Speed" in (out / "report.html").read_text()
+
+
 def test_printed_front_is_a_line_a_trial_on_80_columns(run):
     """The front the search prints: one line per trial on an 80-column console, the origin
     in short (the whole of it is in pareto.csv)."""
