@@ -106,7 +106,7 @@ def run_model(name: str, batches, rows_b, rows_c) -> None:
         fams = reachable(table, inv)
         cells = [f"{fams[f][0]:.3f} ({fams[f][1]}/{fams[f][2]})" if f in fams else "–"
                  for f in ("sparse", "lowrank", "lowrank+sparse", "any")]
-        rows_b.append([name, batch, f"{1e3 * table.model_s:.2f}",
+        rows_b.append([name, batch, f"{1e3 * table.model_s:.2f}", f"{table.alpha:.2f}",
                        f"{1e3 * sum(table.dense_s.values()):.2f}", *cells])
         for budget in BUDGETS:
             try:
@@ -139,8 +139,12 @@ def main() -> None:
     t0 = time.time()
     load0 = _common.load_average()
     rows_b, rows_c = [], []
-    for name in args.models:
+    for name in args.models:  # the section is rewritten after every model
         run_model(name, args.batches, rows_b, rows_c)
+        write(args, rows_b, rows_c, t0, load0)
+
+
+def write(args, rows_b, rows_c, t0, load0) -> None:
     body = [
         "Per-layer latency tables (torch eager, CPU, one thread; each spec timed interleaved "
         "with its dense layer, median of 9 per-round ratios) and what they say each method "
@@ -148,12 +152,13 @@ def main() -> None:
         "table predicts when every layer takes its fastest spec of the family (in brackets: "
         "layers with a spec of the family faster than the dense layer / layers with one).",
         "",
-        _common.table(["model", "batch", "dense ms", "sum of layers ms", "sparse",
+        _common.table(["model", "batch", "dense ms", "alpha", "sum of layers ms", "sparse",
                        "low-rank", "L+S", "any"], rows_b),
         "",
         "Uniform low-rank at a latency budget (one keep level, binary-searched on the "
-        "prediction), weight fit, exported in the forms the table timed fastest, timed from "
-        "its files in a fresh process interleaved with the dense model:",
+        "prediction, which is calibrated in the model: alpha), weight fit, exported in the "
+        "forms the table timed fastest, timed from its files in a fresh process interleaved "
+        "with the dense model:",
         "",
         _common.table(["model", "batch", "budget", "level", "params", "predicted",
                        "measured", "error"], rows_c),

@@ -62,6 +62,11 @@ def measure_speed(setup, rows: list[dict]) -> list[dict]:
             if table is not None:
                 measured = fresh[f"latency_ratio_b{table.key['batch']}"]
                 row["prediction_error"] = round(row["latency_fraction"] / measured - 1, 4)
+                if measured > cfg.budget:
+                    console.print(f"[yellow]warning[/]: the returned model measures "
+                                  f"{measured:.3f} of the dense latency, over the budget "
+                                  f"{cfg.budget:g} (predicted {row['latency_fraction']:.3f}); "
+                                  "lower --budget by the difference to keep it", highlight=False)
         cache[key] = {k: v for k, v in row.items() if k not in before}
         atomic_write_text(cache_path, json.dumps(cache, indent=1))
     return rows
