@@ -168,11 +168,17 @@ class LatencyTable:
         them. A measured spec reads its own ratio unless noise put it below a smaller one."""
         if spec.method == "dense":
             return 1.0
-        xs, ys = self._curve(layer.name, _family(layer, spec))
-        if len(xs) == 0:
-            raise ConfigError(
-                f"the latency table has no {spec.method} entry for layer {layer.name}; "
-                "measure the table for this search space (delete its latency/ folder)")
+        family = _family(layer, spec)
+        xs, ys = self._curve(layer.name, family)
+        if len(xs) == 0:  # e.g. an N:M pattern the table has no level of: the same method
+            near = "|".join(family.split("|")[:2])  # and factorization, any pattern / share
+            fams = sorted({f for f in self.families.get(layer.name, {}).values()
+                           if f.startswith(near + "|")})
+            if not fams:
+                raise ConfigError(
+                    f"the latency table has no {spec.method} entry for layer {layer.name}; "
+                    "measure it with this search space (measure_table)")
+            xs, ys = self._curve(layer.name, fams[0])
         return float(np.interp(kept_fraction(layer, spec), xs, ys))
 
     def layer_seconds(self, layer: LayerInfo, spec: LayerSpec) -> float:

@@ -215,3 +215,13 @@ def test_onnxruntime_tables_time_the_exported_forms(tmp_path, monkeypatch):
     assert forms == {"dense", "branches"}  # no CSR: ONNX has no sparse matmul to export
     assert all(0 < r < 1e3 for rows in table.rows.values() for fs in rows.values()
                for r in fs.values())
+
+
+def test_a_pattern_the_table_has_no_level_of_reads_its_method_curve(tmp_path, fake_timer):
+    table = measure(tmp_path)
+    tok = INV.by_name["tok"]
+    nm = ah.LayerSpec("sparse", sparsity=0.5, pattern="2:4")
+    plain = ah.LayerSpec("sparse", sparsity=0.5)
+    assert table.ratio(tok, nm) == table.ratio(tok, plain)
+    with pytest.raises(ConfigError, match="no tt entry"):
+        table.ratio(tok, ah.LayerSpec("tt", rank=(2,)))

@@ -50,8 +50,8 @@ def run(tmp_path_factory):
         torch.save(create_model("cifar_resnet20").state_dict(), ckpt)
         (d / "space.yaml").write_text(SPACE)
         cfg = SearchConfig(model="cifar_resnet20", checkpoint=str(ckpt), data="digits",
-                           input_size=[3, 32, 32], budget=0.9, metric="latency", threads=1,
-                           trials=4, population=4, calib=64, batch_size=64, val=60,
+                           input_size=[3, 8, 8], budget=0.9, metric="latency", threads=1,
+                           trials=4, population=4, calib=64, batch_size=64, val=40,
                            candidates=2, finetune_steps=2, search_space=str(d / "space.yaml"),
                            out=str(d / "out"))
         out = run_search(cfg)
@@ -93,7 +93,7 @@ def test_the_returned_model_runs_in_the_forms_the_table_timed_fastest(run):
     assert set(forms) == set(alloc.layers)
     for name, spec in alloc.layers.items():
         ratios = {f: RATIOS.get(f, 1.0) for f in forms_for(
-            ah.inventory(create_model("cifar_resnet20"), (3, 32, 32)).by_name[name], spec)}
+            ah.inventory(create_model("cifar_resnet20"), (3, 8, 8)).by_name[name], spec)}
         assert ratios[forms[name]] == min(ratios.values()), (name, spec, forms[name])
     # timed again from its files in a fresh process (real timing), the prediction set
     # against it
