@@ -101,18 +101,21 @@ def run_model(name: str, batches, rows_b, rows_c) -> None:
     for batch in batches:
         t0 = time.time()
         table = measure_table(model, inv, space, threads=1, batch=batch, folder=RES / name)
+        fams = reachable(table, inv)
         log(f"{name} batch {batch}: table in {time.time() - t0:.0f} s "
                     f"(measured {table.seconds:.0f} s), dense {1e3 * table.model_s:.2f} ms")
-        fams = reachable(table, inv)
         cells = [f"{fams[f][0]:.3f} ({fams[f][1]}/{fams[f][2]})" if f in fams else "–"
                  for f in ("sparse", "lowrank", "lowrank+sparse", "any")]
         rows_b.append([name, batch, f"{1e3 * table.model_s:.2f}", f"{table.alpha:.2f}",
                        f"{1e3 * sum(table.dense_s.values()):.2f}", *cells])
         for budget in BUDGETS:
+            table = measure_table(model, inv, space, threads=1, batch=batch,
+                                  folder=RES / name, probe=budget)  # alpha at the budget
             try:
                 layers, level = uniform_lowrank(table, inv, space, budget)
             except BudgetError:
-                rows_c.append([name, batch, budget, "unreachable", "", "", "", ""])
+                rows_c.append([name, batch, budget, f"{table.alpha:.2f}", "unreachable", "",
+                               "", "", ""])
                 continue
             forms = best_forms(table, inv, layers)
             alloc = ah.Allocation.for_inventory(inv, layers)
@@ -125,7 +128,8 @@ def run_model(name: str, batches, rows_b, rows_c) -> None:
             pred = table.fraction(inv, layers)
             meas = fresh[f"latency_ratio_b{batch}"]
             c = alloc.cost(inv)
-            rows_c.append([name, batch, budget, f"{level:.3f}", f"{c.params_fraction:.3f}",
+            rows_c.append([name, batch, budget, f"{table.alpha:.2f}", f"{level:.3f}",
+                           f"{c.params_fraction:.3f}",
                            f"{pred:.3f}", f"{meas:.3f}", f"{pred / meas - 1:+.1%}"])
             log(f"  budget {budget}: predicted {pred:.3f}, measured {meas:.3f}")
 
@@ -156,11 +160,12 @@ def write(args, rows_b, rows_c, t0, load0) -> None:
                        "low-rank", "L+S", "any"], rows_b),
         "",
         "Uniform low-rank at a latency budget (one keep level, binary-searched on the "
-        "prediction, which is calibrated in the model: alpha), weight fit, exported in the "
+        "prediction, calibrated in the model by alpha probed at the budget), weight fit, "
+        "exported in the "
         "forms the table timed fastest, timed from its files in a fresh process interleaved "
         "with the dense model:",
         "",
-        _common.table(["model", "batch", "budget", "level", "params", "predicted",
+        _common.table(["model", "batch", "budget", "alpha", "level", "params", "predicted",
                        "measured", "error"], rows_c),
         "",
         _common.provenance(time.time() - t0, (load0, _common.load_average())),

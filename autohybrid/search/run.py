@@ -140,9 +140,11 @@ def latency_table(cfg: SearchConfig, model, inv, space):
     console.rule(f"latency table: {cfg.runtime}, {threads} thread(s), batch "
                  f"{cfg.latency_batch}")
     table = measure_table(model, inv, space, runtime=cfg.runtime, threads=threads,
-                          batch=cfg.latency_batch, folder=cache_dir() / "latency")
+                          batch=cfg.latency_batch, folder=cache_dir() / "latency",
+                          probe=cfg.budget)
     console.print(f"dense model {1e3 * table.model_s:.2f} ms; table measured in "
-                  f"{table.seconds:.0f} s")
+                  f"{table.seconds:.0f} s; in-model calibration alpha {table.alpha:.2f} "
+                  f"(probed at {table.alpha_at:g})")
     return table
 
 

@@ -31,7 +31,7 @@ hybrid_sparsities: [0.9]
 refine: 0
 """
 RATIOS = {"chain": 0.5, "branches": 1.3, "branches-csr": 1.6, "csr": 0.9,
-          "probe": 0.85}  # the whole model saves what its six layers promise: alpha 1
+          "probe": 0.9}  # the probe (four layers, to the budget 0.9) saves what they promise
 
 
 def fake_timer(fns, reference, rounds=lat.ROUNDS, min_call_s=lat.MIN_CALL_S):
@@ -64,7 +64,13 @@ def test_the_table_is_cached_per_machine_outside_the_output_folder(run):
     assert len(tables) == 1 and not list(out.rglob("latency-*.json"))
     table = lat.LatencyTable.from_dict(__import__("json").loads(tables[0].read_text()))
     assert table.key["threads"] == 1 and table.key["machine"] == lat.machine_id()
-    assert table.alpha == pytest.approx(1.0)
+    # alpha probed at the budget: the probe's fake whole-model saving over what its layers
+    # promise alone
+    assert table.alpha_at == cfg.budget
+    alpha, table.alpha = table.alpha, 1.0
+    inv = ah.inventory(create_model("cifar_resnet20"), (3, 8, 8))
+    promised = 1.0 - table.fraction(inv, lat.probe_layers(table, inv, cfg.budget))
+    assert alpha == pytest.approx((1.0 - RATIOS["probe"]) / promised)
     assert len(table.dense_s) == 6  # the space's layers (layer3.*)
 
 
