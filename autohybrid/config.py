@@ -21,6 +21,7 @@ SAMPLERS = ("nsga2", "tpe", "gp")
 BACKENDS = ("optuna", "ray")
 QUALITY_SIGNALS = ("kl", "loss", "disagreement")
 DEMO_MODEL = "mobilenetv3_small_100"
+RUNTIMES = ("torch", "onnxruntime")  # latency's targets (autohybrid.latency)
 FINETUNE_BUDGET = 800  # default fine-tune steps of the selection ladder (two CPU cores)
 
 
@@ -140,8 +141,6 @@ class SearchConfig:
             raise ConfigError(
                 f"unknown quality signal {self.quality!r}; use one of {list(QUALITY_SIGNALS)}"
             )
-        from autohybrid.latency import RUNTIMES
-
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"unknown runtime {self.runtime!r}; use one of {list(RUNTIMES)}")
         if self.runtime == "onnxruntime" and self.metric == "latency":

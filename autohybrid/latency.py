@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from autohybrid.config import RUNTIMES
 from autohybrid.deploy import deploy_module, forms_for
 from autohybrid.exceptions import ConfigError
 from autohybrid.inventory import Inventory, LayerInfo
@@ -57,7 +58,6 @@ __all__ = ["RUNTIMES", "LatencyTable", "machine_id", "table_key", "measure_table
            "time_interleaved", "random_module", "layer_batch_input", "spec_key",
            "kept_fraction", "measure_model"]
 
-RUNTIMES = ("torch", "onnxruntime")
 VERSION = 1
 ROUNDS = 9  # interleaved rounds per spec
 MIN_CALL_S = 2e-3  # each timed call repeats the forward until the dense one takes this long

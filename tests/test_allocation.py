@@ -45,7 +45,9 @@ def test_bad_budget(inv, budget):
 
 
 def test_bad_metric(inv):
-    with pytest.raises(ConfigError, match="unknown metric 'latency'"):
+    with pytest.raises(ConfigError, match="unknown metric 'speeed'"):
+        ah.Allocation.uniform(inv, budget=0.5, metric="speeed")
+    with pytest.raises(ConfigError, match="needs the latency table"):  # measured, not counted
         ah.Allocation.uniform(inv, budget=0.5, metric="latency")
 
 

@@ -108,7 +108,7 @@ def resolve(args) -> SearchConfig:
         base["model_args"] = model_kwargs(args.model_arg)
     if args.no_screen:
         base["screen"] = False
-    if args.no_speed:
+    if getattr(args, "no_speed", False):
         base["speed"] = False
     if args.resume:
         base["resume"] = True

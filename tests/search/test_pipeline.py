@@ -43,7 +43,7 @@ def run(tmp_path_factory):
     torch.save(create_model("cifar_resnet20").state_dict(), ckpt)
     (d / "space.yaml").write_text(SPACE)
     cfg = SearchConfig(model="cifar_resnet20", checkpoint=str(ckpt), data="digits",
-                       input_size=[3, 32, 32], budget=0.6, trials=5, population=4, calib=64,
+                       input_size=[3, 16, 16], budget=0.6, trials=5, population=4, calib=64,
                        batch_size=64, val=100, candidates=3, finetune_steps=4,
                        search_space=str(d / "space.yaml"), out=str(d / "out"))
     out = run_search(cfg)
@@ -134,11 +134,11 @@ def test_every_pareto_allocation_reapplies_within_budget(run):
     front = pd.read_csv(out / "pareto.csv")
     assert len(front) >= 1 and (front.params_fraction <= cfg.budget).all()
     model = create_model("cifar_resnet20", checkpoint=ckpt)
-    inv = ah.inventory(model, (3, 32, 32))
+    inv = ah.inventory(model, (3, 16, 16))
     for path in front.allocation:
         alloc = ah.Allocation.load(out / path, inventory=inv)
         small = ah.apply(model, alloc)
-        assert ah.cost(small, (3, 32, 32)).params <= cfg.budget * inv.total_params
+        assert ah.cost(small, (3, 16, 16)).params <= cfg.budget * inv.total_params
 
 
 def test_exported_model_reproduces_reported_accuracy(run):
@@ -146,7 +146,7 @@ def test_exported_model_reproduces_reported_accuracy(run):
     front = pd.read_csv(out / "pareto.csv")
     best = front.dropna(subset=["model"]).iloc[0]
     model = ah.load(out / best.model)
-    data = load_data("digits", model, input_size=(3, 32, 32))
+    data = load_data("digits", model, input_size=(3, 16, 16))
     top1 = evaluate(model, data.test, progress=False)["top1"]
     assert abs(top1 - best.test_top1_after) <= 0.1
 
