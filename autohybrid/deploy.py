@@ -32,17 +32,16 @@ from autohybrid.methods import HYBRID, METHODS
 from autohybrid.methods.dense import dense_module
 from autohybrid.spec import LayerSpec
 
+__all__ = ["FORMS", "forms_for", "effective_weight", "deploy_module", "deploy", "CSRLinear",
+           "CSRConv1x1"]
+
+FORMS = ("built", "dense", "chain", "branches", "csr", "branches-csr")
+
 
 def _csr(w: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
         return w.to_sparse_csr()
-
-
-__all__ = ["FORMS", "forms_for", "effective_weight", "deploy_module", "deploy", "CSRLinear",
-           "CSRConv1x1"]
-
-FORMS = ("built", "dense", "chain", "branches", "csr", "branches-csr")
 
 
 def _csr_ok(layer: LayerInfo) -> bool:
