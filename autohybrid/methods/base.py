@@ -6,6 +6,7 @@ A method is a stateless object registered by name. Cost functions take ``LayerIn
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
@@ -285,7 +286,8 @@ class LowRankMethod(Method):
         return [*factors[:-1], last]
 
     def fit(self, problem, bias, layer, spec, cache=None):
-        factors = self.fit_factors(problem.target, problem.metric, layer, spec.rank, cache)
+        factors = balance(self.fit_factors(problem.target, problem.metric, layer, spec.rank,
+                                           cache))
         module = self.chain(layer, spec.rank, bias is not None)
         load_factors(module, factors, bias)
         return module, self.reconstruct(factors, layer)
@@ -315,6 +317,19 @@ class LowRankMethod(Method):
         module = self.chain(layer, spec.rank, bias is not None)
         load_factors(module, factors, bias)
         return module, rel_error(weight, self.reconstruct(factors, layer))
+
+
+def balance(factors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``factors`` rescaled to one Frobenius norm (their geometric mean), the product
+    unchanged: every factorization here is multilinear in its factors. A least-squares fit
+    leaves the scale wherever its algebra puts it (a tucker2 data fit's core can hold norms
+    of hundreds against unit-norm bases), and gradient steps on badly scaled factors
+    diverge in a fine-tune."""
+    norms = [float(f.double().norm()) for f in factors]
+    if len(factors) < 2 or min(norms) <= 0.0:
+        return factors
+    mean = math.exp(sum(math.log(n) for n in norms) / len(norms))
+    return [f * (mean / n) for f, n in zip(factors, norms)]
 
 
 def layer_with_out(layer: LayerInfo, out_chs: int) -> LayerInfo:

@@ -21,6 +21,7 @@ from autohybrid.methods.base import (
     METHODS,
     LowRankMethod,
     Method,
+    balance,
     check_rank,
     load_factors,
     register,
@@ -146,7 +147,8 @@ class LowRankPlusSparse(Method):
         shape = layer.weight_shape
 
         def lowrank(target, c=None):
-            factors = lr.fit_factors(target.reshape(shape), metric, layer, spec.rank, c)
+            factors = balance(lr.fit_factors(target.reshape(shape), metric, layer, spec.rank,
+                                             c))
             return factors, lr.reconstruct(factors, layer).reshape(t.shape)
 
         def sparse(resid, mask_from=None):
@@ -160,6 +162,7 @@ class LowRankPlusSparse(Method):
         candidates = [(factors, low, idx, vals, s)]
         # the weight fit's low-rank part and mask, its sparse values refit to the data
         wf, wlow, _, _ = self.weight_parts(problem.target, layer, spec)
+        wf = balance(wf)
         wlow = wlow.reshape(t.shape)
         widx, wvals, ws = sparse(t - wlow, mask_from=t - wlow)
         candidates.append((wf, wlow, widx, wvals, ws))

@@ -749,3 +749,22 @@ def test_allocation_file_keeps_fit_and_meta_fit(tmp_path, tiny):
     from autohybrid.apply import fit_settings
 
     assert fit_settings(back) == {"damp": 0.05, "saliency": "wanda", "sequential": False}
+
+
+@pytest.mark.parametrize("method", [m for m, x in METHODS.items() if x.lowrank] + [HYBRID])
+def test_data_fitted_factors_share_one_scale(calib, method):
+    """A data fit's factors come out with one Frobenius norm (``balance``), the product
+    unchanged: a least-squares fit leaves the scale anywhere, and a fine-tune's gradient
+    steps on a core of norm 200 beside unit-norm bases diverge."""
+    from autohybrid.methods.base import balance
+
+    layers = [la for la in calib.inv if method in applicable_methods(la)]
+    for layer in layers:
+        _, w, b = dense_parts(calib.net, layer.name)
+        spec = data(compressing_specs(method, layer)[0])
+        module, approx = METHODS[method].fit(calib.problem(layer.name), b, layer, spec)
+        chain = module.lowrank if method == HYBRID else module
+        norms = [float(p.norm()) for n, p in chain.named_parameters() if not n.endswith("bias")]
+        assert max(norms) <= min(norms) * (1 + 1e-4), (layer.name, spec, norms)
+    fs = [torch.randn(3, 4) * 100, torch.randn(4, 5) * 0.01]
+    torch.testing.assert_close(balance(fs)[0] @ balance(fs)[1], fs[0] @ fs[1])
