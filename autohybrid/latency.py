@@ -10,6 +10,10 @@ less what each compressed layer saves::
 
     T(alloc) = T_dense - alpha * sum_l t_l * (1 - ratio_l(spec_l))
 
+with ``t_l`` the layer's time inside the dense model (forward hooks around it in whole-model
+runs; on torch), not alone: alone, a ResNet-56's layers at batch 64 sum to 1.45x the whole
+model, and the layers that gain most from that are not the ones the ratios favour.
+
 ``alpha`` calibrates layers timed alone against layers timed in the model (caches, the
 allocator, the framework's per-op cost between them: at batch 64 a ResNet-56's layers timed
 alone sum to 1.45x the whole model): a probe model is timed whole once, the layers that save
@@ -138,6 +142,7 @@ class LatencyTable:
     seconds: float = 0.0
     alpha: float | None = None  # in-model calibration of the savings (None: not yet)
     alpha_at: float | None = None  # the predicted fraction of the probe alpha came from
+    in_model_s: dict[str, float] = field(default_factory=dict)  # t_l inside the model
     _curves: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- lookups ------------------------------------------------------------------------
@@ -185,13 +190,17 @@ class LatencyTable:
             xs, ys = self._curve(layer.name, fams[0])
         return float(np.interp(kept_fraction(layer, spec), xs, ys))
 
+    def t(self, name: str) -> float:
+        """The dense layer's time: inside the model where measured, else alone."""
+        return self.in_model_s.get(name) or self.dense_s[name]
+
     def layer_seconds(self, layer: LayerInfo, spec: LayerSpec) -> float:
-        return self.dense_s[layer.name] * self.ratio(layer, spec)
+        return self.t(layer.name) * self.ratio(layer, spec)
 
     def predict(self, inv: Inventory, layers: Mapping[str, LayerSpec]) -> float:
         """Predicted seconds of the model with ``layers`` compressed."""
         by_name = inv.by_name
-        saved = sum(self.dense_s[n] * (1.0 - self.ratio(by_name[n], s))
+        saved = sum(self.t(n) * (1.0 - self.ratio(by_name[n], s))
                     for n, s in layers.items() if s.method != "dense")
         alpha = 1.0 if self.alpha is None else self.alpha
         return max(self.model_s - alpha * saved, 0.05 * self.model_s)
@@ -213,13 +222,14 @@ class LatencyTable:
     def to_dict(self) -> dict:
         return {"key": self.key, "model_s": self.model_s, "dense_s": self.dense_s,
                 "rows": self.rows, "families": self.families, "kept": self.kept,
-                "seconds": self.seconds, "alpha": self.alpha, "alpha_at": self.alpha_at}
+                "seconds": self.seconds, "alpha": self.alpha, "alpha_at": self.alpha_at,
+                "in_model_s": self.in_model_s}
 
     @classmethod
     def from_dict(cls, d: dict) -> LatencyTable:
         return cls(d["key"], d.get("model_s", 0.0), d.get("dense_s", {}), d.get("rows", {}),
                    d.get("families", {}), d.get("kept", {}), d.get("seconds", 0.0),
-                   d.get("alpha"), d.get("alpha_at"))
+                   d.get("alpha"), d.get("alpha_at"), d.get("in_model_s") or {})
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
@@ -408,7 +418,8 @@ def measure_table(model: nn.Module, inv: Inventory, space, *, runtime: str = "to
         return table.alpha is not None and table.alpha_at is not None and \
             abs(table.alpha_at - probe) < 0.1
 
-    if not todo and table.model_s and probed():
+    in_model = runtime != "torch" or set(table.in_model_s) >= set(candidates)
+    if not todo and table.model_s and probed() and in_model:
         return table
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -424,7 +435,11 @@ def measure_table(model: nn.Module, inv: Inventory, space, *, runtime: str = "to
             table.seconds += time.time() - t0
             t0 = time.time()
             table.save(path)
-        if todo or not probed():
+        if runtime == "torch" and (todo or not in_model):
+            x = torch.randn(batch, *inv.input_size, generator=torch.Generator().manual_seed(0))
+            table.in_model_s = in_model_seconds(model, list(candidates), x)
+            table.alpha = None
+        if todo or not probed() or table.alpha is None:
             table.alpha = calibrate(table, model, inv, run, probe)
             table.alpha_at = probe
             table.seconds += time.time() - t0
@@ -434,12 +449,42 @@ def measure_table(model: nn.Module, inv: Inventory, space, *, runtime: str = "to
     return table
 
 
+@torch.inference_mode()
+def in_model_seconds(model: nn.Module, names: list[str], x: torch.Tensor,
+                     rounds: int = ROUNDS) -> dict[str, float]:
+    """Each named layer's time inside whole forwards of ``model`` on ``x`` (forward hooks
+    around it; the median over ``rounds`` forwards, after two warmups)."""
+    times: dict[str, list[float]] = {n: [] for n in names}
+    start: dict[str, float] = {}
+    hooks = []
+    for n in names:
+        mod = model.get_submodule(n)
+        hooks.append(mod.register_forward_pre_hook(
+            lambda m, a, n=n: start.__setitem__(n, time.perf_counter())))
+        hooks.append(mod.register_forward_hook(
+            lambda m, a, o, n=n: times[n].append(time.perf_counter() - start[n])))
+    was = model.training
+    model.eval()
+    try:
+        model(x)
+        model(x)
+        for v in times.values():
+            v.clear()
+        for _ in range(rounds):
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return {n: statistics.median(v) for n, v in times.items() if v}
+
+
 def probe_layers(table: LatencyTable, inv: Inventory, target: float
                  ) -> dict[str, LayerSpec]:
     """The layers that save most at their fastest spec, added until the (uncalibrated)
     prediction reaches ``target`` (0: every layer that saves)."""
     fastest = table.fastest(inv)
-    by_saving = sorted(fastest, key=lambda n: -table.dense_s[n] * (
+    by_saving = sorted(fastest, key=lambda n: -table.t(n) * (
         1.0 - table.ratio(inv.by_name[n], fastest[n])))
     out: dict[str, LayerSpec] = {}
     for name in by_saving:

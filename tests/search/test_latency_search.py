@@ -45,6 +45,7 @@ def run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("AUTOHYBRID_CACHE", str(d / "cache"))  # never the user's real table
         mp.setattr(lat, "time_interleaved", fake_timer)
+        mp.setattr(lat, "in_model_seconds", lambda model, names, x: dict.fromkeys(names, 1e-3))
         torch.manual_seed(0)
         ckpt = d / "r20.pth"
         torch.save(create_model("cifar_resnet20").state_dict(), ckpt)
