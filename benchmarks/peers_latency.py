@@ -25,12 +25,13 @@ Both sides are timed the same way: ``autohybrid.latency.measure_model(model, den
   the fine-tune split; the teacher's outputs are cached per batch (every run sees the same
   batches). Top-1 on the full 10,000-image test split (channels-last copies: same numbers).
 
-Run from the repository root (Torch-Pruning lives in its own venv, autohybrid installed there
-editable)::
+Run from the repository root, in a benchmark venv with Torch-Pruning beside autohybrid
+(``python3 -m venv tp && tp/bin/pip install torch==2.14.1 torchvision==0.29.1 && tp/bin/pip
+install -e . torch-pruning``; never a package dependency)::
 
-    OMP_NUM_THREADS=1 nice -n 10 /work/tp_venv/bin/python benchmarks/peers_latency.py [--steps 150]
+    OMP_NUM_THREADS=1 nice -n 10 tp/bin/python benchmarks/peers_latency.py [--steps 150]
     # redo some rows only, keeping the section's others:
-    OMP_NUM_THREADS=1 nice -n 10 /work/tp_venv/bin/python benchmarks/peers_latency.py \
+    OMP_NUM_THREADS=1 nice -n 10 tp/bin/python benchmarks/peers_latency.py \
         --budgets 0.5 --methods tp
 
 Every latency is the median of 3 ``measure_model`` calls (``REPEATS``).
