@@ -328,15 +328,11 @@ def main() -> None:
         if "tp" in args.methods:
             log(f"budget {budget}: torch-pruning bisection")
             r = tp_at(model, budget)
-        if r is None:
-            pass
-        elif r["ratio"] is None:
+        if r is not None and r["ratio"] is None:
             rows.append({"method": "Torch-Pruning", "budget": budget, "lat": "unreachable",
                          "params": "", "before": "", "after": ""})
             notes.append(f"Torch-Pruning {budget}: ratio 0.95 measured {r['tried'][0][1]}.")
-        if r is not None:
-            write(f"Torch-Pruning {budget} before fine-tune")
-        else:
+        elif r is not None:
             m = r["model"]
             row = {"method": f"Torch-Pruning (ratio {r['ratio']:.3f})", "budget": budget,
                    "lat": f"{r['latency']:.3f}",
@@ -347,6 +343,7 @@ def main() -> None:
             notes.append(f"Torch-Pruning {budget}: bisection (pruning ratio, measured "
                          f"latency) {r['tried']}.")
             log(f"  torch-pruning: {row}")
+            write(f"Torch-Pruning {budget} before fine-tune")
 
         a = None
         if "ah" in args.methods:
