@@ -54,7 +54,7 @@ def main() -> None:
             x = torch.randn(inp, cols * batch, generator=g)
             dense = torch.randn(out, inp, generator=g)
             for s in SPARSITIES:
-                fns = {"dense": lambda d=dense: d @ x}
+                fns = {"dense": lambda d=dense, x=x: d @ x}
                 for layout in LAYOUTS:
                     try:
                         w = sparse_weight(out, inp, s, layout, g)
@@ -62,7 +62,7 @@ def main() -> None:
                     except RuntimeError as e:
                         print(f"{name} {layout}: {e}".splitlines()[0], flush=True)
                         continue
-                    fns[layout] = lambda w=w: w @ x
+                    fns[layout] = lambda w=w, x=x: w @ x
                 ratios, t = time_interleaved(fns, "dense", rounds=9)
                 rows.append([name, batch, f"{s:.0%}", f"{1e3 * t:.3f}",
                              *(f"{ratios[k]:.2f}" if k in ratios else "–" for k in LAYOUTS)])
