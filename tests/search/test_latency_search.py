@@ -18,18 +18,8 @@ from autohybrid.config import SearchConfig
 from autohybrid.deploy import forms_for
 from autohybrid.models import create_model
 from autohybrid.search.run import run_search
+from tests.search.test_pipeline import SPACE  # the same tiny layer3 space
 
-SPACE = """
-name: tiny
-include: ["layer3.*"]
-methods: {conv: [sparse, tucker2, lowrank+sparse]}
-factorizations: {conv: tucker2}
-rank_ratios: [0.5, 0.25]
-sparsities: [0.5, 0.9]
-hybrid_rank_ratios: [0.25]
-hybrid_sparsities: [0.9]
-refine: 0
-"""
 RATIOS = {"chain": 0.5, "branches": 1.3, "branches-csr": 1.6, "csr": 0.9,
           "probe": 0.9}  # the probe (four layers, to the budget 0.9) saves what they promise
 
