@@ -11,7 +11,9 @@ run in other forms, and which is fastest depends on the layer, the spec and the 
 - ``branches``: L+S as the chain plus the sparse part as a dense weight, computed once;
 - ``csr``: a sparse part as a ``torch.sparse`` CSR matrix times the input (Linear and
   ungrouped 1x1 convs at stride 1, no padding; torch runtime only), alone (``sparse``) or
-  beside the chain (``branches-csr``).
+  beside the chain (``branches-csr``);
+- ``bsr``: a ``block-sparse`` layer as a ``torch.sparse`` BSR matrix (blocks of its
+  pattern) times the input, on the same layers.
 
 ``deploy(model, alloc, forms)`` converts a loaded model in place; the stored file keeps
 factors and sparse values, so its size follows the budget and folding happens at load.
@@ -30,32 +32,26 @@ from autohybrid.inventory import LayerInfo
 from autohybrid.layers import LowRankSparse, _SparseBase
 from autohybrid.methods import HYBRID, METHODS
 from autohybrid.methods.dense import dense_module
+from autohybrid.methods.sparse import parse_block, runs_as_matmul
 from autohybrid.spec import LayerSpec
 
 __all__ = ["FORMS", "forms_for", "effective_weight", "deploy_module", "deploy", "CSRLinear",
-           "CSRConv1x1"]
+           "CSRConv1x1", "runs_as_matmul"]
 
-FORMS = ("built", "dense", "chain", "branches", "csr", "branches-csr")
+FORMS = ("built", "dense", "chain", "branches", "csr", "branches-csr", "bsr")
 
 
-def _csr(w: torch.Tensor) -> torch.Tensor:
+def _sparse_tensor(w: torch.Tensor, blocksize: tuple[int, int] | None) -> torch.Tensor:
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        return w.to_sparse_csr()
-
-
-def _csr_ok(layer: LayerInfo) -> bool:
-    if not layer.is_conv:
-        return True
-    return (layer.kernel_size == (1, 1) and layer.groups == 1 and layer.stride == (1, 1)
-            and layer.padding == (0, 0))
+        warnings.filterwarnings("ignore", "Sparse (CSR|BSR) tensor support is in beta")
+        return w.to_sparse_csr() if blocksize is None else w.to_sparse_bsr(blocksize)
 
 
 def forms_for(layer: LayerInfo, spec: LayerSpec, runtime: str = "torch") -> tuple[str, ...]:
     """The forms ``spec`` can run in on ``runtime`` (the first is the trained form's
     equivalent)."""
     method = METHODS[spec.method]
-    csr = runtime == "torch" and _csr_ok(layer)
+    csr = runtime == "torch" and runs_as_matmul(layer)
     if spec.method == "dense":
         return ("dense",)
     if spec.method == HYBRID:
@@ -64,6 +60,8 @@ def forms_for(layer: LayerInfo, spec: LayerSpec, runtime: str = "torch") -> tupl
         return ("chain", "dense")
     if spec.method == "sparse":
         return ("dense", *(("csr",) if csr else ()))
+    if spec.method == "block-sparse":
+        return ("dense", *(("bsr",) if csr else ()))
     return ("built",)  # a method of its own: run as it builds
 
 
@@ -100,11 +98,13 @@ def effective_weight(module: nn.Module, layer: LayerInfo, spec: LayerSpec
 
 
 class CSRLinear(nn.Module):
-    """``x @ W.T + b`` with ``W`` a CSR matrix (inference only)."""
+    """``x @ W.T + b`` with ``W`` a CSR matrix, or BSR with ``blocksize`` (inference only)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 blocksize: tuple[int, int] | None = None):
         super().__init__()
-        self.register_buffer("weight_csr", _csr(weight.detach()), persistent=False)
+        self.register_buffer("weight_csr", _sparse_tensor(weight.detach(), blocksize),
+                             persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
         self.out_features, self.in_features = weight.shape
@@ -119,12 +119,14 @@ class CSRLinear(nn.Module):
 
 
 class CSRConv1x1(nn.Module):
-    """A 1x1 conv (stride 1, no padding, one group) as a CSR matrix times the pixels."""
+    """A 1x1 conv (stride 1, no padding, one group) as a CSR matrix (BSR with
+    ``blocksize``) times the pixels."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None,
+                 blocksize: tuple[int, int] | None = None):
         super().__init__()
         w = weight.detach().reshape(weight.shape[0], weight.shape[1])
-        self.register_buffer("weight_csr", _csr(w), persistent=False)
+        self.register_buffer("weight_csr", _sparse_tensor(w, blocksize), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
                                                            requires_grad=False)
 
@@ -155,11 +157,12 @@ def _dense(layer: LayerInfo, w: torch.Tensor, b: torch.Tensor | None) -> nn.Modu
     return m
 
 
-def _sparse_form(sparse: _SparseBase, layer: LayerInfo, csr: bool) -> nn.Module:
+def _sparse_form(sparse: _SparseBase, layer: LayerInfo, csr: bool,
+                 blocksize: tuple[int, int] | None = None) -> nn.Module:
     w = sparse.weight().detach()
     b = sparse.bias.detach() if sparse.bias is not None else None
     if csr:
-        return (CSRLinear if not layer.is_conv else CSRConv1x1)(w, b)
+        return (CSRLinear if not layer.is_conv else CSRConv1x1)(w, b, blocksize)
     return _dense(layer, w, b)
 
 
@@ -180,6 +183,8 @@ def deploy_module(module: nn.Module, layer: LayerInfo, spec: LayerSpec, form: st
                         _sparse_form(module.sparse, layer, form == "branches-csr"))
     if form == "csr":
         return _sparse_form(module, layer, True)
+    if form == "bsr":
+        return _sparse_form(module, layer, True, parse_block(spec.pattern))
     raise ConfigError(f"unknown deploy form {form!r}; use one of {list(FORMS)}")
 
 

@@ -306,7 +306,8 @@ def load(path: str | Path, model: nn.Module | None = None, deploy: bool = False)
     return model
 
 
-ONNX_FORMS = {"csr": "dense", "branches-csr": "branches"}  # ONNX has no sparse matmul
+# ONNX has no sparse matmul: CSR / BSR forms export as their dense equivalents
+ONNX_FORMS = {"csr": "dense", "bsr": "dense", "branches-csr": "branches"}
 
 
 def export_onnx(model: nn.Module, path: str | Path, input_size, batch: int = 1,

@@ -255,15 +255,21 @@ def random_module(layer: LayerInfo, spec: LayerSpec, seed: int = 0) -> nn.Module
     """``spec``'s module for ``layer`` with random values and a random sparse pattern: what
     it runs at, not what it computes, is measured."""
     from autohybrid.layers import _SparseBase
+    from autohybrid.methods.sparse import magnitude_topk, parse_block
 
     g = torch.Generator().manual_seed(seed)
     module = get_method(spec.method).skeleton(layer, spec)
     for p in module.parameters():
         p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    block = parse_block(spec.pattern) is not None
     for m in module.modules():
         if isinstance(m, _SparseBase):
             numel = int(np.prod(m.shape))
-            idx = torch.randperm(numel, generator=g)[: m.nnz].sort().values
+            if block:  # random whole blocks: a BSR kernel runs blocks, not entries
+                scores = torch.rand(m.shape, generator=g)
+                idx = magnitude_topk(scores, m.nnz, spec.pattern)
+            else:
+                idx = torch.randperm(numel, generator=g)[: m.nnz].sort().values
             m.indices.copy_(idx)
     return module.eval()
 

@@ -140,6 +140,18 @@ class SearchSpace:
         if not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
             raise ConfigError(f"{source}: rank_multiple must be an integer >= 1")
 
+    def for_latency(self) -> SearchSpace:
+        """This space with ``block-sparse`` added to the pointwise and linear layers: under
+        the latency metric a BSR kernel can make a sparse layer faster than the dense one
+        (unstructured sparsity only at very high levels), and the latency table measures
+        where. Under params / MACs block-sparse is dominated by ``sparse`` (the same count,
+        a coarser mask), so the other metrics leave it out."""
+        methods = {k: list(v) for k, v in self.methods.items()}
+        for kind in ("pointwise", "linear"):
+            if kind in methods and "block-sparse" not in methods[kind]:
+                methods[kind].append("block-sparse")
+        return dataclasses.replace(self, methods=methods)
+
     # -- layers and candidates --------------------------------------------------------------
     def compressible(self, inv: Inventory) -> list[LayerInfo]:
         """The layers this space searches over, in model order."""

@@ -28,6 +28,7 @@ def fake_timer(monkeypatch):
     """Deterministic 'timings': a form's ratio is a fixed number per form; counts calls."""
     calls = []
     ratio = {"__dense__": 1.0, "chain": 0.6, "branches": 1.4, "branches-csr": 1.8, "csr": 0.5,
+             "bsr": 0.4,
              "model": 1.0, "built": 1.0, "probe": 0.9}
 
     def timer(fns, reference, rounds=lat.ROUNDS, min_call_s=lat.MIN_CALL_S):
@@ -238,3 +239,35 @@ def test_in_model_layer_times_add_up_to_no_more_than_the_model():
     _, whole = lat.time_interleaved({"m": lambda: MODEL(x)}, "m", rounds=5)
     assert sum(inside.values()) <= 1.5 * whole  # parts of one forward, not of many
     assert not MODEL._forward_hooks and not MODEL.tok._forward_pre_hooks
+
+
+def test_the_latency_metric_adds_block_sparse_and_exports_it_as_bsr(tmp_path, fake_timer):
+    space = SPACE.for_latency()
+    assert "block-sparse" in space.methods["linear"]
+    assert "block-sparse" not in SPACE.methods["linear"]  # params / MACs searches: left out
+    table = lat.measure_table(MODEL, INV, space, runtime="torch", threads=1, batch=1,
+                              folder=tmp_path, progress=False, levels=(0.5, 0.2),
+                              shares=(0.5,))
+    tok = INV.by_name["tok"]  # 24 -> 36: 4x4 blocks tile it; head (36 -> 5) takes none
+    block = [k for k, f in table.families["tok"].items() if f.startswith("block-sparse|")]
+    assert len(block) == 2 and all(set(table.rows["tok"][k]) == {"dense", "bsr"}
+                                   for k in block)
+    assert not any(f.startswith("block-sparse|") for f in table.families["head"].values())
+    spec = ah.LayerSpec("block-sparse", sparsity=0.8, pattern="4x4")
+    layers = {"tok": spec}
+    forms = lat.best_forms(table, INV, layers)
+    assert forms == {"tok": "bsr"}
+    small = ah.apply(MODEL, ah.Allocation.for_inventory(INV, layers), INV)
+    alloc = ah.Allocation.for_inventory(INV, layers)
+    alloc.meta["deploy"] = {"runtime": "torch", "forms": forms}
+    export(small, alloc, tmp_path / "m")
+    fast = load(tmp_path / "m", model=tiny_inventory()[0], deploy=True)
+    kernel = fast.get_submodule("tok")
+    assert isinstance(kernel, CSRLinear) and kernel.weight_csr.layout == torch.sparse_bsr
+    assert tuple(kernel.weight_csr.values().shape[1:]) == (4, 4)
+    x = torch.randn(4, *TINY_INPUT)
+    with torch.no_grad():
+        want, got = small.eval()(x), fast(x)
+    assert float((got - want).norm() / want.norm()) <= 1e-5
+    assert allocation_cost(INV, layers).params < allocation_cost(INV, {}).params
+    assert tok.out_chs == 36

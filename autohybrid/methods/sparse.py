@@ -1,11 +1,16 @@
-"""``sparse``: magnitude pruning, unstructured or N:M, stored as values + indices.
+"""``sparse``: magnitude pruning, unstructured or N:M, stored as values + indices; and
+``block-sparse``: whole RxC blocks of the (out, in) matrix kept or dropped, the layout a
+block-sparse (BSR) kernel runs with its vector lanes full.
 
-Works on every conv and linear layer, depthwise and grouped included.
+``sparse`` works on every conv and linear layer, depthwise and grouped included;
+``block-sparse`` on the layers that are one matrix product (Linear, 1x1 convs with one group,
+stride 1 and no padding), where a BSR kernel can run it (``autohybrid.deploy``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
@@ -19,15 +24,31 @@ from autohybrid.spec import LayerSpec
 SALIENCY_KINDS = ("obs", "wanda")  # what saliency "best" tries
 
 
+BLOCKS = ((8, 8), (4, 4))  # block shapes block-sparse offers, preferred first
+
+
+def parse_block(pattern: str) -> tuple[int, int] | None:
+    """``'8x8'`` -> (8, 8) (a block pattern: rows x columns of the (out, in) matrix);
+    anything else -> None."""
+    m = re.fullmatch(r"(\d+)x(\d+)", pattern)
+    if m is None:
+        return None
+    r, c = int(m[1]), int(m[2])
+    if r < 1 or c < 1:
+        raise MethodError(f"block pattern {pattern!r} needs blocks of at least 1x1")
+    return r, c
+
+
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """``'2:4'`` -> (2, 4); ``'unstructured'`` -> None."""
-    if pattern == "unstructured":
+    """``'2:4'`` -> (2, 4); ``'unstructured'`` and block patterns (``'8x8'``) -> None."""
+    if pattern == "unstructured" or parse_block(pattern) is not None:
         return None
     try:
         n, m = (int(v) for v in pattern.split(":"))
     except ValueError:
         raise MethodError(
-            f"unknown sparsity pattern {pattern!r}; use 'unstructured' or N:M such as '2:4'"
+            f"unknown sparsity pattern {pattern!r}; use 'unstructured', N:M such as '2:4', "
+            "or blocks such as '8x8' (method block-sparse)"
         ) from None
     if not 0 < n < m:
         raise MethodError(f"sparsity pattern {pattern!r} needs 0 < N < M")
@@ -35,7 +56,13 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
 
 
 def keep_count(layer: LayerInfo, sparsity: float, pattern: str = "unstructured") -> int:
-    """Nonzeros kept out of the weight's entries at ``sparsity``."""
+    """Nonzeros kept out of the weight's entries at ``sparsity`` (for blocks: whole blocks,
+    at least one, never more than ``1 - sparsity`` of them)."""
+    blk = parse_block(pattern)
+    if blk is not None:
+        size = blk[0] * blk[1]
+        blocks = layer.weight_numel // size
+        return max(1, math.floor(blocks * (1.0 - sparsity) + 1e-9)) * size
     nm = parse_pattern(pattern)
     if nm is not None:
         return layer.weight_numel // nm[1] * nm[0]
@@ -50,6 +77,16 @@ def index_bytes(numel: int, nnz: int) -> int:
 def check_sparsity(layer: LayerInfo, sparsity: float, pattern: str) -> None:
     if not 0.0 <= sparsity < 1.0:
         raise MethodError(f"sparsity {sparsity} is outside [0, 1); use e.g. 0.5 for half zeros")
+    blk = parse_block(pattern)
+    if blk is not None:
+        r, c = blk
+        row = layer.weight_numel // layer.out_chs
+        if layer.out_chs % r or row % c:
+            raise MethodError(
+                f"block pattern {pattern} needs {r} | out ({layer.out_chs}) and {c} | the row "
+                f"length ({row}); use a block that divides both, e.g. 4x4"
+            )
+        return
     nm = parse_pattern(pattern)
     if nm is not None:
         n, m = nm
@@ -63,7 +100,11 @@ def check_sparsity(layer: LayerInfo, sparsity: float, pattern: str) -> None:
 
 
 def magnitude_topk(w: torch.Tensor, keep: int, pattern: str = "unstructured") -> torch.Tensor:
-    """Flat indices (sorted) of the ``keep`` largest-magnitude entries, or of the N:M winners."""
+    """Flat indices (sorted) of the ``keep`` largest-magnitude entries, of the N:M winners,
+    or of the entries of the ``keep / (r c)`` blocks of largest summed magnitude."""
+    blk = parse_block(pattern)
+    if blk is not None:
+        return _block_topk(w, keep, blk)
     nm = parse_pattern(pattern)
     a = w.detach().abs().reshape(-1)
     if nm is None:
@@ -78,6 +119,27 @@ def magnitude_topk(w: torch.Tensor, keep: int, pattern: str = "unstructured") ->
     local = torch.topk(groups, n, dim=1).indices
     idx = (torch.arange(groups.shape[0]).unsqueeze(1) * m + local).reshape(-1)
     return idx.sort().values
+
+
+def _block_topk(w: torch.Tensor, keep: int, blk: tuple[int, int]) -> torch.Tensor:
+    r, c = blk
+    a = w.detach().abs().reshape(w.shape[0], -1)
+    out, k = a.shape
+    sums = a.view(out // r, r, k // c, c).sum(dim=(1, 3)).reshape(-1)
+    n = min(keep // (r * c), sums.numel())
+    chosen = torch.zeros(sums.numel(), dtype=torch.bool)
+    chosen[torch.topk(sums, n, sorted=False).indices] = True
+    mask = chosen.view(out // r, 1, k // c, 1).expand(out // r, r, k // c, c).reshape(-1)
+    return mask.nonzero().squeeze(1)
+
+
+def runs_as_matmul(layer: LayerInfo) -> bool:
+    """Whether ``layer`` is one (out, in) matrix times its inputs: a Linear, or a 1x1 conv
+    with one group, stride 1 and no padding (what CSR / BSR kernels run)."""
+    if not layer.is_conv:
+        return True
+    return (layer.kernel_size == (1, 1) and layer.groups == 1 and layer.stride == (1, 1)
+            and layer.padding == (0, 0))
 
 
 def sparse_part(
@@ -142,6 +204,9 @@ class Sparse(Method):
 
     def check(self, layer, spec):
         super().check(layer, spec)
+        if parse_block(spec.pattern) is not None:
+            raise MethodError(f"block pattern {spec.pattern} belongs to method block-sparse; "
+                              "write method: block-sparse")
         check_sparsity(layer, spec.sparsity, spec.pattern)
 
     def params(self, layer, spec):
@@ -187,3 +252,54 @@ class Sparse(Method):
             with torch.no_grad():
                 module.bias.copy_(bias)
         return module, rel_error(weight, scatter(weight.shape, idx, values))
+
+
+@register
+class BlockSparse(Sparse):
+    """Whole blocks (8x8, else 4x4, the first that tiles the matrix) kept by the summed
+    saliency of their entries; the kept values fitted like ``sparse`` (least squares per row
+    for the fixed mask). Worth it only where a BSR kernel beats the dense one, so the latency
+    metric adds it to the pointwise and linear layers of a search space
+    (``SearchSpace.for_latency``); the table measures whether it pays, layer by layer."""
+
+    name = "block-sparse"
+    color = "#17becf"
+
+    def block_for(self, layer) -> tuple[int, int] | None:
+        row = layer.weight_numel // layer.out_chs
+        return next((b for b in BLOCKS if layer.out_chs % b[0] == 0 and row % b[1] == 0),
+                    None)
+
+    def applies_to(self, layer):
+        return runs_as_matmul(layer) and self.block_for(layer) is not None
+
+    def _pattern(self, layer) -> str:
+        r, c = self.block_for(layer)
+        return f"{r}x{c}"
+
+    def spec_at(self, layer, keep, share=0.5, **_):
+        if not self.applies_to(layer):
+            return None
+        return LayerSpec(self.name, sparsity=min(max(1.0 - keep, 0.0), MAX_SPARSITY),
+                         pattern=self._pattern(layer))
+
+    def grid(self, layer, space):
+        if not self.applies_to(layer):
+            return []
+        return [LayerSpec(self.name, sparsity=s, pattern=self._pattern(layer))
+                for s in space.sparsities]
+
+    def label(self, spec):
+        return f"block-sparse {spec.sparsity:.2f} {spec.pattern}"
+
+    def check(self, layer, spec):
+        Method.check(self, layer, spec)
+        if parse_block(spec.pattern) is None:
+            raise MethodError(f"block-sparse needs a block pattern such as '8x8', got "
+                              f"{spec.pattern!r}")
+        check_sparsity(layer, spec.sparsity, spec.pattern)
+
+    def storage_bytes(self, layer, spec):
+        r, c = parse_block(spec.pattern)
+        kept = keep_count(layer, spec.sparsity, spec.pattern) // (r * c)
+        return 4 * self.params(layer, spec) + index_bytes(layer.weight_numel // (r * c), kept)

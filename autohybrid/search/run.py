@@ -162,6 +162,8 @@ def setup_search(cfg: SearchConfig) -> SearchSetup:
     data = load_data(cfg.data, model, input_size=size)
     inv = inventory(model, size)
     space = load_search_space(cfg.model, cfg.search_space)
+    if cfg.metric == "latency":
+        space = space.for_latency()
     latency = latency_table(cfg, model, inv, space) if cfg.metric == "latency" else None
     check_reachable(ParamSpace(space, inv, group_layers(space, inv, None, 10**9, 0),
                                cfg.metric, latency), cfg.budget)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import autohybrid as ah
+from autohybrid.cost import layer_cost
 from autohybrid.fit import (
     DAMP,
     damped,
@@ -151,6 +152,9 @@ def compressing_specs(method: str, layer) -> list[ah.LayerSpec]:
         if row_len(layer) % 4 == 0:
             specs.append(ah.LayerSpec("sparse", sparsity=0.5, pattern="2:4"))
         return specs
+    if method == "block-sparse":
+        pattern = m.spec_at(layer, 0.5).pattern
+        return [ah.LayerSpec(method, sparsity=s, pattern=pattern) for s in (0.5, 0.8)]
     if method == HYBRID:
         return [
             ah.LayerSpec(HYBRID, factorization=f, rank=METHODS[f].rank_for_ratio(layer, 0.3),
@@ -344,6 +348,30 @@ def test_sparse_fit_kept_values_are_the_least_squares_optimum(calib, name):
     # the module holds exactly those values
     torch.testing.assert_close(module.weight().detach().double().reshape(target.shape), w_hat,
                                rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["pw", "tok"])
+def test_block_sparse_fit_keeps_whole_blocks_at_the_least_squares_optimum(calib, name):
+    """A block-sparse data fit keeps exactly the counted number of whole blocks, and its
+    values are the least-squares optimum for that mask (as for ``sparse``)."""
+    layer = calib.inv[name]
+    problem = calib.problem(name)
+    _, _, b = dense_parts(calib.net, name)
+    spec = data(METHODS["block-sparse"].spec_at(layer, 0.3))
+    r, c = (int(v) for v in spec.pattern.split("x"))
+    module, approx = METHODS["block-sparse"].fit(problem, b, layer, spec)
+    target = problem.matrix()
+    mask = torch.zeros(target.numel(), dtype=torch.bool)
+    mask[module.indices] = True
+    mask = mask.view(target.shape)
+    out, k = target.shape
+    blocks = mask.view(out // r, r, k // c, c).sum(dim=(1, 3))
+    assert set(blocks.unique().tolist()) <= {0, r * c}, "a block is partly kept"
+    assert int((blocks > 0).sum()) * r * c == module.nnz == layer_cost(layer, spec).params - (
+        layer.out_chs if layer.bias else 0)
+    assert module.nnz <= 0.3 * layer.weight_numel
+    check_stationary_on_mask(approx.double().reshape(target.shape), target, problem.metric,
+                             mask, f"block-sparse fit {name}")
 
 
 def test_refit_left_is_the_least_squares_left_factor():

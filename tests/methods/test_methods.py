@@ -36,6 +36,8 @@ def full_spec(method, layer):
         )
     if isinstance(m, LowRankMethod):
         return ah.LayerSpec(method, rank=m.max_rank(layer))
+    if method == "block-sparse":
+        return ah.LayerSpec(method, sparsity=0.0, pattern=m.spec_at(layer, 1.0).pattern)
     return ah.LayerSpec(method)
 
 
@@ -48,6 +50,8 @@ def small_specs(method, layer):
         if (layer.weight_numel // layer.out_chs) % 4 == 0:
             specs.append(ah.LayerSpec("sparse", sparsity=0.5, pattern="2:4"))
         return specs
+    if method == "block-sparse":
+        return [ah.LayerSpec(method, sparsity=0.7, pattern=m.spec_at(layer, 0.3).pattern)]
     if method == HYBRID:
         out = []
         for f, lr in METHODS.items():
@@ -184,7 +188,7 @@ def test_bad_specs_name_the_problem(name, spec, msg):
 
 
 def test_unknown_method_lists_valid_names():
-    with pytest.raises(MethodError, match="valid methods: cp, dense"):
+    with pytest.raises(MethodError, match="valid methods: block-sparse, cp, dense"):
         ah.get_method("pruning")
 
 
