@@ -29,11 +29,15 @@ prediction is pure arithmetic on the table; the measurements live in ``measure_*
 
 The table is cached as JSON under the search's output folder, keyed by machine, runtime,
 threads, input size, batch and the model's layer fingerprint, and written after every layer,
-so an interrupted measurement resumes.
+so an interrupted measurement resumes. A machine id cannot tell two virtual machines with the
+same CPU name apart, and a host's speed can change under the same id, so every reuse of a
+stored table first times the dense model again: more than ``DRIFT`` away from the stored
+time, the table is measured anew (a table mixing two machines' seconds mispredicts).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -65,6 +69,7 @@ __all__ = ["RUNTIMES", "LatencyTable", "machine_id", "table_key", "measure_table
 VERSION = 1
 ROUNDS = 9  # interleaved rounds per spec
 MIN_CALL_S = 2e-3  # each timed call repeats the forward until the dense one takes this long
+DRIFT = 0.3  # a stored table whose dense model now times this much off is measured anew
 
 
 def machine_id() -> str:
@@ -416,6 +421,20 @@ def measure_table(model: nn.Module, inv: Inventory, space, *, runtime: str = "to
         else LatencyTable(key)
     if table.key != key:
         table = LatencyTable(key)
+    run = _Runner(runtime, threads)
+    if table.model_s:
+        with _threads(threads):
+            now = measure_model_seconds(model, inv.input_size, batch, run)
+        if abs(now / table.model_s - 1.0) > DRIFT:
+            import warnings
+
+            warnings.warn(
+                f"latency table {path.name}: the dense model takes {1e3 * now:.2f} ms now, "
+                f"{1e3 * table.model_s:.2f} ms when the table was measured; this machine "
+                "is not as fast as the one it was measured on, so it is measured again",
+                stacklevel=2)
+            table = LatencyTable(key)
+            table.model_s = now
     candidates = _candidates(space, inv, levels, shares)
     todo = [n for n, specs in candidates.items()
             if n not in table.dense_s or any(spec_key(s) not in table.rows.get(n, {})
@@ -429,7 +448,6 @@ def measure_table(model: nn.Module, inv: Inventory, space, *, runtime: str = "to
         return table
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    run = _Runner(runtime, threads)
     t0 = time.time()
     try:
         if not table.model_s:
@@ -453,6 +471,16 @@ def measure_table(model: nn.Module, inv: Inventory, space, *, runtime: str = "to
         torch.set_num_threads(old_threads)
     table.save(path)
     return table
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @torch.inference_mode()

@@ -97,7 +97,7 @@ def run_model(name: str, batches, rows_b, rows_c) -> None:
     model = create_model(name, checkpoint=MODELS[name]).eval()
     size = SIZES.get(name, (3, 32, 32))
     inv = inventory(model, size)
-    space = load_search_space(name)
+    space = load_search_space(name).for_latency()  # what --metric latency searches
     for batch in batches:
         t0 = time.time()
         table = measure_table(model, inv, space, threads=1, batch=batch, folder=RES / name)
@@ -105,7 +105,7 @@ def run_model(name: str, batches, rows_b, rows_c) -> None:
         log(f"{name} batch {batch}: table in {time.time() - t0:.0f} s "
                     f"(measured {table.seconds:.0f} s), dense {1e3 * table.model_s:.2f} ms")
         cells = [f"{fams[f][0]:.3f} ({fams[f][1]}/{fams[f][2]})" if f in fams else "–"
-                 for f in ("sparse", "lowrank", "lowrank+sparse", "any")]
+                 for f in ("sparse", "block-sparse", "lowrank", "lowrank+sparse", "any")]
         rows_b.append([name, batch, f"{1e3 * table.model_s:.2f}", f"{table.alpha:.2f}",
                        f"{1e3 * sum(table.dense_s.values()):.2f}", *cells])
         for budget in BUDGETS:
@@ -157,7 +157,7 @@ def write(args, rows_b, rows_c, t0, load0) -> None:
         "layers with a spec of the family faster than the dense layer / layers with one).",
         "",
         _common.table(["model", "batch", "dense ms", "alpha", "sum of layers ms", "sparse",
-                       "low-rank", "L+S", "any"], rows_b),
+                       "block-sparse", "low-rank", "L+S", "any"], rows_b),
         "",
         "Uniform low-rank at a latency budget (one keep level, binary-searched on the "
         "prediction, calibrated in the model by alpha probed at the budget), weight fit, "

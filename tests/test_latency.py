@@ -64,8 +64,9 @@ def test_cache_key_names_machine_runtime_threads_input_size_batch(tmp_path, fake
     table = measure(tmp_path)
     first = len(fake_timer)
     assert first > 0 and table.model_s > 0
-    again = measure(tmp_path)  # cached: nothing timed
-    assert len(fake_timer) == first and again.to_dict() == table.to_dict()
+    again = measure(tmp_path)  # cached: nothing timed but the dense model (the drift check)
+    assert fake_timer[first:] == [["model"]] and again.to_dict() == table.to_dict()
+    first += 1
     measure(tmp_path, threads=2)  # other threads: measured anew, in another file
     assert len(fake_timer) > first
     assert len(list(tmp_path.glob("latency-torch-*.json"))) == 2
@@ -271,3 +272,24 @@ def test_the_latency_metric_adds_block_sparse_and_exports_it_as_bsr(tmp_path, fa
     assert float((got - want).norm() / want.norm()) <= 1e-5
     assert allocation_cost(INV, layers).params < allocation_cost(INV, {}).params
     assert tok.out_chs == 36
+
+
+def test_a_table_from_a_machine_of_another_speed_is_measured_again(tmp_path, fake_timer,
+                                                                    monkeypatch):
+    table = measure(tmp_path)
+    assert table.model_s == 0.02
+    again = measure(tmp_path)  # the same speed: reused, nothing re-timed but the model
+    assert again.rows == table.rows and again.model_s == table.model_s
+    timer = lat.time_interleaved
+
+    def slower(fns, reference, **kw):  # the same machine id, 2x slower
+        ratios, t = timer(fns, reference, **kw)
+        return ratios, 2 * t
+
+    monkeypatch.setattr(lat, "time_interleaved", slower)
+    with pytest.warns(UserWarning, match="measured again"):
+        fresh = measure(tmp_path)
+    assert fresh.model_s == pytest.approx(0.04)
+    assert fresh.dense_s["tok"] == pytest.approx(2e-3)
+    stored = json.loads(lat.LatencyTable.path_for(tmp_path, fresh.key).read_text())
+    assert stored["model_s"] == pytest.approx(0.04)
