@@ -99,10 +99,10 @@ def top1(model: nn.Module, test) -> float:
     return evaluate(fast(model), test, progress=False)["top1"]
 
 
-def latency(model: nn.Module, dense: nn.Module, repeats: int = REPEATS) -> float:
+def latency(model: nn.Module, dense: nn.Module, repeats: int = REPEATS, size=SIZE) -> float:
     """The median of ``repeats`` interleaved measurements (load on a shared machine moves
     one measurement by several points)."""
-    return statistics.median(measure_model(model, dense, SIZE, 1, "torch", 1)["ratio"]
+    return statistics.median(measure_model(model, dense, size, 1, "torch", 1)["ratio"]
                              for _ in range(repeats))
 
 
@@ -173,7 +173,7 @@ def tp_at(dense: nn.Module, budget: float, steps: int = 6) -> dict | None:
 # -- autohybrid ---------------------------------------------------------------------------
 
 
-def ah_at(model, inv, space, table, budget, x_calib, tries: int = 4) -> dict:
+def ah_at(model, inv, space, table, budget, x_calib, tries: int = 4, size=SIZE) -> dict:
     pb, tried = budget, []
     for _ in range(tries):
         try:
@@ -181,7 +181,7 @@ def ah_at(model, inv, space, table, budget, x_calib, tries: int = 4) -> dict:
         except BudgetError as e:
             return {"unreachable": str(e).splitlines()[0], "tried": tried}
         probe = random_model(model, inv, layers, best_forms(table, inv, layers))
-        lat = latency(probe, model)
+        lat = latency(probe, model, size=size)
         tried.append((round(pb, 4), round(level, 4), round(lat, 3)))
         log(f"  autohybrid predicted budget {pb:.3f}: level {level:.3f}, "
             f"measured (random values) {lat:.3f}")
@@ -194,7 +194,7 @@ def ah_at(model, inv, space, table, budget, x_calib, tries: int = 4) -> dict:
     small = ah.apply(model, alloc, inv, progress=False, calibration=x_calib)
     fit_s = time.time() - t
     dep = deploy(copy.deepcopy(small), alloc.layers, best_forms(table, inv, alloc.layers), inv)
-    lat = latency(dep, model)
+    lat = latency(dep, model, size=size)
     log(f"  autohybrid data fit {fit_s:.0f} s; deployed, measured {lat:.3f}")
     return {"model": small, "latency": lat, "level": level, "predicted_budget": pb,
             "predicted": table.fraction(inv, alloc.layers), "tried": tried, "fit_s": fit_s}

@@ -36,7 +36,7 @@ from autohybrid.search.select import (
     resolve_device,
     search_row,
 )
-from autohybrid.search.speed import measure_speed
+from autohybrid.search.speed import measure_speed, within_measured
 from autohybrid.search.study import (
     SearchStudy,
     fit_meta,
@@ -294,6 +294,9 @@ def run_selection(setup, study: optuna.Study) -> tuple[list[dict], Ladder]:
     if not pool:  # --candidates 0: no selection, the front as the search scored it
         return [search_row(t, cfg.quality) for t in pareto_front(trials, cfg.budget)], None
     write_allocations(study, pool, Path(cfg.out))
+    if setup.ps.latency is not None:  # what is returned must measure within the budget
+        pool = within_measured(setup, pool, lambda t: Path(cfg.out) / "allocations" /
+                               f"trial-{t.number:04d}.yaml")
     lad = ladder_of(cfg, len(pool), len(setup.splits.finetune))
     console.rule(f"select: {len(pool)} candidates, rungs at {list(lad.steps)} fine-tune "
                  f"steps (eta {lad.eta}, {lad.cost} steps in all), validation "

@@ -7,6 +7,10 @@ fastest the latency table measured, or the sparse parts precomputed without a ta
 interleaved with the dense model in this process. The returned model is timed again from
 its exported files in a fresh process, and under a latency budget the table's prediction is
 set against that measurement.
+
+Under a latency budget the selection's candidates are timed before any is fine-tuned
+(``within_measured``): the table predicts within a few percent, so a candidate predicted just
+under the budget can measure just over it, and what the search returns must measure within.
 """
 
 from __future__ import annotations
@@ -18,10 +22,10 @@ import torch
 
 from autohybrid.allocation import Allocation
 from autohybrid.io import atomic_write_text
-from autohybrid.latency import best_forms, measure_export, random_model, speed
+from autohybrid.latency import best_forms, measure_export, measure_model, random_model, speed
 from autohybrid.progress import bar, console
 
-__all__ = ["speed_batches", "measure_speed"]
+__all__ = ["speed_batches", "measure_speed", "within_measured"]
 
 
 def speed_batches(cfg) -> list[int]:
@@ -70,3 +74,41 @@ def measure_speed(setup, rows: list[dict]) -> list[dict]:
         cache[key] = {k: v for k, v in row.items() if k not in before}
         atomic_write_text(cache_path, json.dumps(cache, indent=1))
     return rows
+
+
+def within_measured(setup, pool: list, alloc_path) -> list:
+    """The candidates of ``pool`` whose model (random values, the table's fastest forms)
+    measures at or under the latency budget at the table's batch, timed interleaved with the
+    dense model; kept in ``candidates-latency.json``, so a resumed selection sees the same
+    pool. When none measures within, the fastest is kept, with a warning."""
+    cfg, inv, table = setup.cfg, setup.inv, setup.ps.latency
+    out = Path(cfg.out)
+    threads = table.key["threads"]
+    batch = table.key["batch"]
+    cache_path = out / "candidates-latency.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    measured = {}
+    for t in bar(pool, desc="latency of the candidates"):
+        path = alloc_path(t)
+        key = json.dumps([path.name, path.read_text(), table.key], sort_keys=True)
+        if key not in cache:
+            layers = Allocation.load(path, inv).layers
+            model = random_model(setup.model, inv, layers, best_forms(table, inv, layers))
+            cache[key] = measure_model(model, setup.model, setup.size, batch, cfg.runtime,
+                                       threads)["ratio"]
+            atomic_write_text(cache_path, json.dumps(cache, indent=1))
+        measured[t.number] = cache[key]
+    kept = [t for t in pool if measured[t.number] <= cfg.budget]
+    over = {t.number: round(measured[t.number], 3) for t in pool if t not in kept}
+    if over:
+        console.print(f"{len(over)} candidate(s) measure over the latency budget "
+                      f"{cfg.budget:g} and leave the pool (trial: measured) {over}",
+                      highlight=False)
+    if not kept:
+        fastest = min(pool, key=lambda t: measured[t.number])
+        console.print(f"[yellow]warning[/]: no candidate measures within the latency budget "
+                      f"{cfg.budget:g}; keeping the fastest, trial {fastest.number} "
+                      f"({measured[fastest.number]:.3f}): lower --budget by the difference "
+                      "to keep it", highlight=False)
+        kept = [fastest]
+    return kept

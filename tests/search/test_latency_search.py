@@ -21,7 +21,8 @@ from autohybrid.search.run import run_search
 from tests.search.test_pipeline import SPACE  # the same tiny layer3 space
 
 RATIOS = {"chain": 0.5, "branches": 1.3, "branches-csr": 1.6, "csr": 0.9,
-          "probe": 0.9}  # the probe (four layers, to the budget 0.9) saves what they promise
+          "probe": 0.9,  # the probe (four layers, to the budget 0.9) saves what they promise
+          "model": 0.85}  # a candidate timed beside the dense model: within the budget
 
 
 def fake_timer(fns, reference, rounds=lat.ROUNDS, min_call_s=lat.MIN_CALL_S):
@@ -100,3 +101,51 @@ def test_the_returned_model_runs_in_the_forms_the_table_timed_fastest(run):
     page = (out / "report.html").read_text()
     assert "Speed" in page and "fresh process" in page
     assert "Latency kept, predicted" in page
+
+
+def test_candidates_measuring_over_the_latency_budget_leave_the_pool(run, monkeypatch):
+    """Before any fine-tune, each candidate is timed beside the dense model: one measuring
+    over the budget leaves the pool (the prediction errs by a few percent), the measurements
+    are kept for a resumed selection, and with none within, the fastest stays."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from autohybrid.search.speed import within_measured
+
+    cfg, out, d = run
+    allocs = sorted((out / "allocations").glob("trial-*.yaml"))
+    assert len(allocs) >= 2
+    table = lat.LatencyTable.from_dict(json.loads(next(
+        (d / "cache" / "latency").glob("latency-torch-*.json")).read_text()))
+    model = create_model("cifar_resnet20")
+    setup = SimpleNamespace(cfg=SearchConfig(budget=0.9, out=str(d / "measured")),
+                            inv=ah.inventory(model, (3, 8, 8)), ps=SimpleNamespace(
+                                latency=table), model=model, size=(3, 8, 8))
+    Path(setup.cfg.out).mkdir()
+    pool = [SimpleNamespace(number=int(p.stem.split("-")[1])) for p in allocs[:2]]
+    ratios = {pool[0].number: 0.95, pool[1].number: 0.88}
+    timed = []
+
+    def fake_measure(m, dense, size, batch, runtime, threads):
+        n = timed_number[0]
+        timed.append(n)
+        return {"ratio": ratios[n]}
+
+    timed_number = [None]
+    by_path = {t.number: out / "allocations" / f"trial-{t.number:04d}.yaml" for t in pool}
+
+    def path_of(t):
+        timed_number[0] = t.number
+        return by_path[t.number]
+
+    monkeypatch.setattr("autohybrid.search.speed.measure_model", fake_measure)
+    kept = within_measured(setup, pool, path_of)
+    assert [t.number for t in kept] == [pool[1].number] and len(timed) == 2
+    again = within_measured(setup, pool, path_of)  # resumed: read back, not timed again
+    assert [t.number for t in again] == [pool[1].number] and len(timed) == 2
+    ratios[pool[1].number] = 0.97
+    setup.cfg.out = str(d / "measured-2")
+    Path(setup.cfg.out).mkdir()
+    slowest_first = within_measured(setup, pool, path_of)
+    assert [t.number for t in slowest_first] == [pool[0].number]  # none within: the fastest

@@ -1,0 +1,234 @@
+"""The latency budget end to end: ``autohybrid search --metric latency`` on the shared CIFAR-10
+checkpoints, against uniform low-rank at the same budget with the same fine-tune.
+
+For each model and latency budget (batch 1, one thread, torch eager on CPU):
+
+- **searched**: the user's command, run as a subprocess (``autohybrid search --metric latency
+  --budget B --threads 1 --latency-batch 1``, defaults otherwise: data fit, 40 trials, the
+  selection ladder's default fine-tune budget); the returned model as its ``pareto.csv`` row
+  reports it: the latency the table predicted, the latency measured from its files in a fresh
+  process (``autohybrid.latency.measure_export``), params, top-1 on the full 10,000-image test
+  split before and after its fine-tune. With ``--space lowrank`` the same search over a
+  low-rank-only space (the model's space with its sparse and L+S methods removed).
+- **uniform low-rank**: one keep level for every layer on the table's prediction
+  (``benchmarks/latency.py``'s ``uniform_lowrank``, with ``peers_latency.py``'s measured
+  correction), fitted to data on the same 1024 calibration images (``data.splits(1024,
+  1000, seed=0)``, the search's), deployed in the table's fastest forms, timed the same way,
+  then fine-tuned with the recipe and the number of steps the searched model's own fine-tune
+  had (``SearchConfig.finetune_recipe()``), on the same fine-tune split.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/latency_search.py \
+        --models vit_tiny_patch16_224 --budgets 0.7 0.5
+
+Rows accumulate in ``benchmarks/results/latency_search.json`` (a rerun of a model and budget
+replaces its rows); the section "Searched at a latency budget (batch 1)" of
+``benchmarks/RESULTS_latency.md`` is rewritten from it after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _common  # first: records the caller's thread settings
+import pandas as pd
+import torch
+import yaml
+from latency import MODELS, SIZES  # benchmarks/latency.py
+from peers_latency import ah_at, latency, top1  # benchmarks/peers_latency.py
+
+import autohybrid as ah
+from autohybrid.config import SearchConfig
+from autohybrid.data import as_tensors, load_data
+from autohybrid.finetune import FinetuneConfig, finetune
+from autohybrid.inventory import inventory
+from autohybrid.latency import measure_table
+from autohybrid.methods import HYBRID, METHODS
+from autohybrid.models import create_model
+from autohybrid.search_space import load_search_space
+
+DATA = f"cifar10:{_common.SHARED / 'data' / 'cifar10'}"
+OUT = _common.BENCH_DIR / "out" / "latency_search"
+ROWS = _common.BENCH_DIR / "results" / "latency_search.json"
+TABLES = _common.BENCH_DIR / "results" / "latency"
+RESULTS = _common.BENCH_DIR / "RESULTS_latency.md"
+TITLE = "Searched at a latency budget (batch 1)"
+BUDGETS = (0.7, 0.5)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def lowrank_space(name: str, folder: Path) -> Path:
+    """The model's search space without its sparse and L+S methods, as a YAML file."""
+    space = load_search_space(name)
+    methods = {k: [m for m in v if METHODS[m].lowrank and m != HYBRID]
+               for k, v in space.methods.items()}
+    d = space.to_dict()
+    d.update(name=f"{space.name}-lowrank", methods={k: v for k, v in methods.items() if v})
+    path = folder / "lowrank-space.yaml"
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(d, sort_keys=False))
+    return path
+
+
+def searched(name: str, budget: float, space: str, extra: list[str]) -> dict:
+    out = OUT / f"{name}-{budget:g}-{space}"
+    cmd = [sys.executable, "-m", "autohybrid", "search", "--model", name,
+           "--checkpoint", str(MODELS[name]), "--data", DATA, "--metric", "latency",
+           "--budget", str(budget), "--threads", "1", "--latency-batch", "1",
+           "--out", str(out), *extra]
+    if name in SIZES:
+        cmd += ["--input-size", *map(str, SIZES[name])]
+    if space == "lowrank":
+        cmd += ["--search-space", str(lowrank_space(name, out.parent / f"{name}-spaces"))]
+    env = {**os.environ, "AUTOHYBRID_CACHE": str(OUT / "cache"), "OMP_NUM_THREADS": "1"}
+    log(" ".join(cmd))
+    t = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    (out / "..").resolve().mkdir(parents=True, exist_ok=True)
+    Path(f"{out}.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
+        return {"unreachable": tail[0] if tail else f"exit {proc.returncode}"}
+    front = pd.read_csv(out / "pareto.csv")
+    won = front[front.returned].iloc[0].to_dict()
+    done = [int(k.rsplit("_", 1)[1]) for k, v in won.items()
+            if k.startswith("val_top1_step_") and v == v]
+    won["finetune_steps"] = max(done, default=0)
+    won["seconds"] = time.time() - t
+    won["out"] = str(out.relative_to(_common.BENCH_DIR.parent))
+    return won
+
+
+def uniform(name: str, budget: float, steps: int, seed: int) -> dict:
+    model = create_model(name, checkpoint=MODELS[name]).eval()
+    size = SIZES.get(name, (3, 32, 32))
+    inv = inventory(model, size)
+    space = load_search_space(name).for_latency()
+    table = measure_table(model, inv, space, threads=1, batch=1, folder=TABLES / name,
+                          probe=budget, progress=False)
+    data = load_data(DATA, model, input_size=size)
+    splits = data.splits(1024, 1000, seed=seed)
+    x_calib, _ = as_tensors(splits.calibration)
+    got = ah_at(model, inv, space, table, budget, x_calib, size=size)
+    if "unreachable" in got:
+        return got
+    small = got["model"]
+    before = top1(small, data.test)
+    cfg = SearchConfig(seed=seed)
+    ft = FinetuneConfig(**{**cfg.finetune_recipe(), "steps": steps,
+                           "flip": data.mirror_invariant})
+    t = time.time()
+    finetune(small, model, splits.finetune, ft, progress=False)
+    after = top1(small, data.test)
+    params = sum(p.numel() for p in small.parameters()) / sum(
+        p.numel() for p in model.parameters())
+    return {"latency": got["latency"], "predicted": got["predicted"], "level": got["level"],
+            "params": params, "before": before, "after": after, "ft_s": time.time() - t,
+            "fit_s": got["fit_s"], "dense": top1(copy.deepcopy(model), data.test)}
+
+
+def fmt(v, spec=".3f") -> str:
+    return "" if v is None or (isinstance(v, float) and v != v) else format(v, spec)
+
+
+def write(rows: list[dict], t0: float, load0) -> None:
+    table = []
+    for r in sorted(rows, key=lambda r: (r["model"], -r["budget"], r["row"])):
+        table.append([r["model"], r["budget"], r["row"], r.get("unreachable", "") or
+                      fmt(r.get("predicted")), fmt(r.get("measured")),
+                      fmt(r.get("error"), "+.1%"), fmt(r.get("params")),
+                      fmt(r.get("before"), ".2f"), fmt(r.get("after"), ".2f"),
+                      r.get("steps", ""), r.get("methods", "")])
+    body = [
+        "`autohybrid search --metric latency` (the user's command: data fit, 40 trials, the "
+        "selection ladder's default fine-tune) against uniform low-rank at the same budget "
+        "(one keep level, data fit on the search's 1024 calibration images, the table's "
+        "fastest forms, fine-tuned with the search's recipe for as many steps as the searched "
+        "model's own fine-tune). Latency: batch 1, one thread, torch eager on CPU, as a "
+        "fraction of the dense model's, timed interleaved with it (the searched model from "
+        "its exported files in a fresh process). Error: predicted / measured - 1. Params: "
+        "over the dense model's. Top-1 on the full 10,000-image test split; every choice "
+        "the search makes is on data held out from the training split.",
+        "",
+        _common.table(["model", "budget", "row", "predicted", "measured", "error", "params",
+                       "top-1 before", "top-1 after", "ft steps", "methods"], table),
+        "",
+        *[f"- {r['model']} {r['budget']} {r['row']}: {r['note']}" for r in rows
+          if r.get("note")],
+        f"- Run as `OMP_NUM_THREADS=1 .venv/bin/python {' '.join(sys.argv)}`; rows of "
+        "earlier runs are kept (`benchmarks/results/latency_search.json`).",
+        "",
+        _common.provenance(time.time() - t0, (load0, _common.load_average())),
+    ]
+    _common.write_section(TITLE, "\n".join(body), RESULTS)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS))
+    p.add_argument("--rows", nargs="+", default=["searched", "lowrank", "uniform"],
+                   choices=["searched", "lowrank", "uniform"])
+    p.add_argument("--search-arg", action="append", default=[],
+                   help="extra argument for autohybrid search (repeatable)")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    t0, load0 = time.time(), _common.load_average()
+    rows = json.loads(ROWS.read_text()) if ROWS.is_file() else []
+    for name in args.models:
+        for budget in args.budgets:
+            steps = None
+            for which in args.rows:
+                rows = [r for r in rows if (r["model"], r["budget"], r["row"]) !=
+                        (name, budget, which)]
+                row = {"model": name, "budget": budget, "row": which}
+                if which in ("searched", "lowrank"):
+                    got = searched(name, budget, "full" if which == "searched" else "lowrank",
+                                   args.search_arg)
+                    if "unreachable" in got:
+                        row["unreachable"] = got["unreachable"][:120]
+                    else:
+                        measured = got.get("fresh_latency_ratio_b1")
+                        steps = steps or int(got.get("finetune_steps") or 0) or None
+                        row.update(
+                            predicted=got.get("latency_fraction"), measured=measured,
+                            error=got.get("prediction_error"),
+                            params=got.get("params_fraction"),
+                            before=got.get("test_top1_before"),
+                            after=got.get("test_top1_after"), steps=got.get("finetune_steps"),
+                            methods=got.get("family", ""),
+                            note=f"{got['seconds']:.0f} s, output in `{got['out']}`")
+                else:
+                    if steps is None:
+                        prior = [r for r in rows if (r["model"], r["budget"], r["row"]) ==
+                                 (name, budget, "searched") and r.get("steps")]
+                        steps = int(prior[0]["steps"]) if prior else 200
+                    got = uniform(name, budget, steps, 0)
+                    if "unreachable" in got:
+                        row["unreachable"] = got["unreachable"][:120]
+                    else:
+                        row.update(predicted=got["predicted"], measured=got["latency"],
+                                   error=got["predicted"] / got["latency"] - 1,
+                                   params=got["params"], before=got["before"],
+                                   after=got["after"], steps=steps, methods="lowrank",
+                                   note=f"level {got['level']:.3f}, data fit "
+                                        f"{got['fit_s']:.0f} s, fine-tune {got['ft_s']:.0f} "
+                                        f"s; dense top-1 {got['dense']:.2f}")
+                log(f"{name} {budget} {which}: {row}")
+                rows.append(row)
+                ROWS.parent.mkdir(parents=True, exist_ok=True)
+                ROWS.write_text(json.dumps(rows, indent=1, default=float))
+                write(rows, t0, load0)
+
+
+if __name__ == "__main__":
+    main()
