@@ -31,6 +31,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -89,7 +90,11 @@ def searched(name: str, budget: float, space: str, extra: list[str]) -> dict:
         cmd += ["--input-size", *map(str, SIZES[name])]
     if space == "lowrank":
         cmd += ["--search-space", str(lowrank_space(name, out.parent / f"{name}-spaces"))]
-    env = {**os.environ, "AUTOHYBRID_CACHE": str(OUT / "cache"), "OMP_NUM_THREADS": "1"}
+    cache = OUT / "cache"
+    (cache / "latency").mkdir(parents=True, exist_ok=True)
+    for f in (TABLES / name).glob("latency-*.json"):  # benchmarks/latency.py's tables: the
+        shutil.copy(f, cache / "latency" / f.name)  # same key, the same file name
+    env = {**os.environ, "AUTOHYBRID_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     log(" ".join(cmd))
     t = time.time()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
