@@ -44,3 +44,17 @@ def test_bad_input_gives_one_line_and_exit_2(fix, what, cmd, msg, capsys, tmp_pa
     assert err == f"autohybrid {argv[0]}: error: {expected}"
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.*"))
     assert "secret" not in err and "Traceback" not in err
+
+
+def test_python_dash_m_autohybrid_is_the_command():
+    """``python -m autohybrid`` runs the CLI (a venv without its scripts on PATH), and a bad
+    argument exits 2 with one line, as ``autohybrid`` does."""
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "autohybrid", "--version"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip().startswith("autohybrid")
+    bad = subprocess.run([sys.executable, "-m", "autohybrid", "search", "--budget", "2"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
