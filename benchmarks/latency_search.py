@@ -42,9 +42,8 @@ import pandas as pd
 import torch
 import yaml
 from latency import MODELS, SIZES  # benchmarks/latency.py
-from peers_latency import ah_at, latency, top1  # benchmarks/peers_latency.py
+from peers_latency import ah_at, top1  # benchmarks/peers_latency.py
 
-import autohybrid as ah
 from autohybrid.config import SearchConfig
 from autohybrid.data import as_tensors, load_data
 from autohybrid.finetune import FinetuneConfig, finetune
