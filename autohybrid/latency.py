@@ -618,21 +618,29 @@ def speed(model: nn.Module, dense: nn.Module, input_size, batches: Iterable[int]
     return out
 
 
+REPEATS = 3  # whole-model measurements whose median is reported (one varies by a few %)
+
+
 def measure_export(path: str | Path, batches: Iterable[int], runtime: str = "torch",
-                   threads: int = 1) -> dict:
+                   threads: int = 1, repeats: int = REPEATS) -> dict:
     """Time an exported model (``export``) in its recorded deploy forms beside the dense
-    architecture it was made from, in a fresh Python process; returns ``speed``'s columns."""
+    architecture it was made from, in fresh Python processes; returns ``speed``'s columns,
+    each the median of ``repeats`` processes (on a shared machine one measurement of a
+    whole model moves by a few percent)."""
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "autohybrid.latency", str(path), "--runtime", runtime,
            "--threads", str(threads), "--batches", *map(str, batches)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise RuntimeError(f"timing {path} in a fresh process failed: {tail[0]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(max(1, repeats)):
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"timing {path} in a fresh process failed: {tail[0]}")
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
 def _main(argv=None) -> int:

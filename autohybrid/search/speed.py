@@ -16,13 +16,21 @@ under the budget can measure just over it, and what the search returns must meas
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import torch
 
 from autohybrid.allocation import Allocation
 from autohybrid.io import atomic_write_text
-from autohybrid.latency import best_forms, measure_export, measure_model, random_model, speed
+from autohybrid.latency import (
+    REPEATS,
+    best_forms,
+    measure_export,
+    measure_model,
+    random_model,
+    speed,
+)
 from autohybrid.progress import bar, console
 
 __all__ = ["speed_batches", "measure_speed", "within_measured"]
@@ -94,8 +102,9 @@ def within_measured(setup, pool: list, alloc_path) -> list:
         if key not in cache:
             layers = Allocation.load(path, inv).layers
             model = random_model(setup.model, inv, layers, best_forms(table, inv, layers))
-            cache[key] = measure_model(model, setup.model, setup.size, batch, cfg.runtime,
-                                       threads)["ratio"]
+            cache[key] = statistics.median(  # one measurement moves by a few percent
+                measure_model(model, setup.model, setup.size, batch, cfg.runtime,
+                              threads)["ratio"] for _ in range(REPEATS))
             atomic_write_text(cache_path, json.dumps(cache, indent=1))
         measured[t.number] = cache[key]
     kept = [t for t in pool if measured[t.number] <= cfg.budget]
