@@ -50,6 +50,7 @@ class SearchConfig:
     runtime: str = "torch"  # latency's target: torch (eager, CPU) | onnxruntime (CPU)
     latency_batch: int = 1  # the batch size the latency budget is measured at
     threads: int | None = None  # latency's thread count (default: torch's, as run)
+    latency_margin: float = 0.03  # the search aims this much under a latency budget
     speed: bool = True  # time every result beside the dense model (pareto.csv's latency)
     search_space: str | None = None
     out: str = "autohybrid-out"
@@ -153,6 +154,11 @@ class SearchConfig:
                                          or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ConfigError(f"threads must be a positive integer, got {self.threads!r}")
+        if isinstance(self.latency_margin, bool) or not isinstance(
+                self.latency_margin, (int, float)) or not 0.0 <= self.latency_margin < 0.5:
+            raise ConfigError(f"latency_margin is the share of a latency budget kept in "
+                              f"reserve for measurement noise, from 0 to below 0.5 (e.g. "
+                              f"0.03); got {self.latency_margin!r}")
         for key in ("trials", "calib", "batch_size", "population", "concurrency", "max_groups",
                     "latency_batch"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:

@@ -108,7 +108,7 @@ def allocation_cost(inv: Inventory, layers: Mapping[str, LayerSpec], latency=Non
     if latency is None:
         return ModelCost(params, macs, storage, inv.total_params, inv.total_macs)
     return ModelCost(params, macs, storage, inv.total_params, inv.total_macs,
-                     latency.predict(inv, layers), latency.model_s)
+                     latency.predict(inv, layers), latency.reference_s)
 
 
 @dataclass(frozen=True)

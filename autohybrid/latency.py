@@ -148,6 +148,7 @@ class LatencyTable:
     alpha: float | None = None  # in-model calibration of the savings (None: not yet)
     alpha_at: float | None = None  # the predicted fraction of the probe alpha came from
     in_model_s: dict[str, float] = field(default_factory=dict)  # t_l inside the model
+    margin: float = 0.0  # share of a budget kept in reserve (a search setting, not stored)
     _curves: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- lookups ------------------------------------------------------------------------
@@ -220,7 +221,19 @@ class LatencyTable:
                 out[name] = LayerSpec.from_dict(json.loads(best[1]))
         return out
 
+    @property
+    def reference_s(self) -> float:
+        """What a latency fraction is taken of: the dense model's time less the margin, so a
+        search keeping fractions within a budget keeps the prediction ``margin`` under it."""
+        return self.model_s * (1.0 - self.margin)
+
     def fraction(self, inv: Inventory, layers: Mapping[str, LayerSpec]) -> float:
+        """The predicted fraction of the dense latency, the margin added (what a budget
+        counts)."""
+        return self.predict(inv, layers) / self.reference_s
+
+    def predicted_fraction(self, inv: Inventory, layers: Mapping[str, LayerSpec]) -> float:
+        """The predicted fraction of the dense latency itself (what a measurement checks)."""
         return self.predict(inv, layers) / self.model_s
 
     # -- storage ------------------------------------------------------------------------

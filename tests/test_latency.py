@@ -293,3 +293,16 @@ def test_a_table_from_a_machine_of_another_speed_is_measured_again(tmp_path, fak
     assert fresh.dense_s["tok"] == pytest.approx(2e-3)
     stored = json.loads(lat.LatencyTable.path_for(tmp_path, fresh.key).read_text())
     assert stored["model_s"] == pytest.approx(0.04)
+
+
+def test_a_margin_makes_the_budget_count_the_prediction_that_much_higher(tmp_path, fake_timer):
+    table = measure(tmp_path)
+    layers = {"tok": ah.LayerSpec("svd", rank=(2,))}
+    plain = table.fraction(INV, layers)
+    assert plain == table.predicted_fraction(INV, layers) < 1.0
+    table.margin = 0.05
+    assert table.fraction(INV, layers) == pytest.approx(plain / 0.95)
+    assert table.predicted_fraction(INV, layers) == plain
+    cost = allocation_cost(INV, layers, table)
+    assert cost.latency_fraction == pytest.approx(plain / 0.95)
+    assert cost.fraction("latency") == cost.latency_fraction

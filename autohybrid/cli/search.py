@@ -19,6 +19,9 @@ def register(sub) -> None:
                    "measured at (default 1)")
     p.add_argument("--threads", type=int, help="threads the latency is measured with "
                    "(default: torch's current setting)")
+    p.add_argument("--latency-margin", type=float, help="share of a latency budget the "
+                   "search keeps in reserve, so the returned model measures within it "
+                   "(default 0.03: a whole-model measurement moves by a few percent)")
     p.add_argument("--model", help="timm model name (default: the built-in demo)")
     p.add_argument("--checkpoint")
     p.add_argument("--random-init", action="store_true",
@@ -80,7 +83,7 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-FLAGS = ("budget", "metric", "runtime", "latency_batch", "threads", "model", "checkpoint",
+FLAGS = ("budget", "metric", "runtime", "latency_batch", "threads", "latency_margin", "model", "checkpoint",
          "num_classes", "input_size", "data",
          "search_space", "out", "storage", "study_name", "sampler", "backend", "ray_address",
          "concurrency", "trials", "population", "seed", "calib", "batch_size", "bn_recal",

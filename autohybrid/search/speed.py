@@ -62,8 +62,9 @@ def measure_speed(setup, rows: list[dict]) -> list[dict]:
         before = set(row)
         layers = Allocation.load(out / row["allocation"], inv).layers
         forms = best_forms(table, inv, layers) if table is not None else {}
-        if table is not None:
+        if table is not None:  # what the budget counted (margin added), and the prediction
             row["latency_fraction"] = round(table.fraction(inv, layers), 4)
+            row["latency_predicted"] = round(table.predicted_fraction(inv, layers), 4)
         model = random_model(setup.model, inv, layers, forms)
         row.update(speed(model, setup.model, setup.size, batches, cfg.runtime, threads),
                    runtime=cfg.runtime, threads=threads)
@@ -73,12 +74,12 @@ def measure_speed(setup, rows: list[dict]) -> list[dict]:
                         if k.startswith("latency_ratio")})
             if table is not None:
                 measured = fresh[f"latency_ratio_b{table.key['batch']}"]
-                row["prediction_error"] = round(row["latency_fraction"] / measured - 1, 4)
+                row["prediction_error"] = round(row["latency_predicted"] / measured - 1, 4)
                 if measured > cfg.budget:
                     console.print(f"[yellow]warning[/]: the returned model measures "
                                   f"{measured:.3f} of the dense latency, over the budget "
-                                  f"{cfg.budget:g} (predicted {row['latency_fraction']:.3f}); "
-                                  "lower --budget by the difference to keep it", highlight=False)
+                                  f"{cfg.budget:g} (predicted {row['latency_predicted']:.3f});"
+                                  " raise --latency-margin to keep it", highlight=False)
         cache[key] = {k: v for k, v in row.items() if k not in before}
         atomic_write_text(cache_path, json.dumps(cache, indent=1))
     return rows
@@ -117,7 +118,7 @@ def within_measured(setup, pool: list, alloc_path) -> list:
         fastest = min(pool, key=lambda t: measured[t.number])
         console.print(f"[yellow]warning[/]: no candidate measures within the latency budget "
                       f"{cfg.budget:g}; keeping the fastest, trial {fastest.number} "
-                      f"({measured[fastest.number]:.3f}): lower --budget by the difference "
-                      "to keep it", highlight=False)
+                      f"({measured[fastest.number]:.3f}): raise --latency-margin to keep "
+                      "it", highlight=False)
         kept = [fastest]
     return kept

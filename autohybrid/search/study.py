@@ -35,7 +35,7 @@ __all__ = ["SearchStudy", "Ready", "Settled", "TrialSeededSampler", "pareto_fron
            "trial_layers", "make_sampler", "within_budget", "origin", "STUDY_KEYS"]
 
 STUDY_KEYS = ("fingerprint", "budget", "metric", "space", "quality", "groups", "calib", "seed",
-              "fit", "latency")
+              "fit", "latency", "latency_margin")
 SCREEN_AFTER = 8
 SCREEN_FACTOR = 2.0
 MAX_SCREENED_IN_A_ROW = 3
@@ -220,6 +220,7 @@ class SearchStudy:
             "calib": self.cfg.calib, "seed": self.cfg.seed, "fit": fit_meta(self.cfg),
             "data": self.cfg.data,
             "latency": self.ps.latency.key if self.ps.latency is not None else None,
+            "latency_margin": self.ps.latency.margin if self.ps.latency is not None else None,
         }
 
     def open(self, warm: dict[str, dict[str, LayerSpec]] | None = None,
