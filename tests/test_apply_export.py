@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import timm
@@ -108,6 +110,11 @@ def test_export_load_reproduces_outputs(compressed, name):
     )
     assert size_bytes <= counted + buffers + 64 * 1024
     assert size_bytes < 0.45 * 4 * inv.total_params + buffers + 64 * 1024
+    # written with the usual permissions (the umask's), not the temporary file's 0600
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in ("model.safetensors", "allocation.yaml"):
+        assert (d / f).stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
 @pytest.mark.parametrize(
