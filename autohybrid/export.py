@@ -284,6 +284,11 @@ def load(path: str | Path, model: nn.Module | None = None, deploy: bool = False)
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(
+            f"{weights} holds NaN or inf values in {len(bad)} tensor(s) (first: {bad[0]}); "
+            "the model diverged before it was exported: export it again from a finite model")
     state = _unpack(tensors, model)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

@@ -254,3 +254,24 @@ def test_export_warns_when_known_kwargs_leave_an_attribute_different(tmp_path):
         ah.export(small, alloc, tmp_path)
     assert ah.Allocation.load(tmp_path / "allocation.yaml").model["kwargs"] == {
         "img_size": 32, "depth": 1}
+
+
+def test_load_refuses_a_file_holding_nan(compressed, tmp_path):
+    """A model that diverged and was exported anyway is refused at load, in one line naming
+    the tensor, rather than returning a model that outputs NaN."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from autohybrid.exceptions import CheckpointError
+
+    _, _, _, _, _, d = compressed["cifar_resnet20"]
+    bad = tmp_path / "bad"
+    shutil.copytree(d, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[0] = float("nan")
+    save_file(tensors, str(bad / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"NaN or inf values in 1 tensor.*{name}"):
+        ah.load(bad)
