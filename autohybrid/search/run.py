@@ -230,6 +230,14 @@ def run_search(cfg: SearchConfig) -> Path:
     out = Path(cfg.out)
     setup = setup_search(cfg)
     study = run_study(setup)
+    trials = study.get_trials(deepcopy=False)
+    if not pareto_front(trials, cfg.budget):
+        n = len(trials)
+        hint = ("or lower --latency-margin " if cfg.metric == "latency" else "")
+        raise BudgetError(
+            f"none of the study's {n} trials is within the budget {cfg.budget:g} of "
+            f"{cfg.metric} (the warm starts and every repair fell short); raise --budget "
+            f"{hint}or widen the search space")
     write_front(study, out, cfg.budget)
     rows, lad = run_selection(setup, study)
     if cfg.speed:

@@ -286,3 +286,24 @@ def test_mixed_spaces_get_threshold_starts_per_method_family(parts):
         assert {s.method for s in starts[name].values()} <= family[name.split("_")[-1]], name
     values = list(starts.values())
     assert all(values.count(v) == 1 for v in values)  # identical allocations kept once
+
+
+def test_a_study_with_no_trial_within_the_budget_is_a_budget_error(tmp_path, monkeypatch):
+    """When every trial (warm starts included) stays over the budget, the search says so as
+    a budget error (exit 2 from the CLI) instead of ending 'done' with an empty front."""
+    from types import SimpleNamespace
+
+    from autohybrid.config import SearchConfig
+    from autohybrid.exceptions import BudgetError
+    from autohybrid.search import run as run_mod
+
+    over = SimpleNamespace(state=optuna.trial.TrialState.COMPLETE, values=[0.1, 0.8],
+                           user_attrs={"infeasible": True}, number=0)
+    study = SimpleNamespace(get_trials=lambda deepcopy=False: [over])
+    monkeypatch.setattr(run_mod, "setup_search", lambda cfg: SimpleNamespace())
+    monkeypatch.setattr(run_mod, "run_study", lambda setup: study)
+    cfg = SearchConfig(budget=0.7, metric="latency", out=str(tmp_path / "out"))
+    with pytest.raises(BudgetError, match="none of the study's 1 trials is within the budget "
+                                          "0.7 of latency.*--latency-margin"):
+        run_mod.run_search(cfg)
+    assert not (tmp_path / "out" / "pareto.csv").exists()
