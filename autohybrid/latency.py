@@ -32,7 +32,9 @@ threads, input size, batch and the model's layer fingerprint, and written after 
 so an interrupted measurement resumes. A machine id cannot tell two virtual machines with the
 same CPU name apart, and a host's speed can change under the same id, so every reuse of a
 stored table first times the dense model again: more than ``DRIFT`` away from the stored
-time, the table is measured anew (a table mixing two machines' seconds mispredicts).
+time, the table is measured anew (a table mixing two machines' seconds mispredicts). 50 %:
+one VM's own speed moved by up to 36 % within minutes, a second VM of the same name ran
+2.2-4.5x faster.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ __all__ = ["RUNTIMES", "LatencyTable", "machine_id", "table_key", "measure_table
 VERSION = 1
 ROUNDS = 9  # interleaved rounds per spec
 MIN_CALL_S = 2e-3  # each timed call repeats the forward until the dense one takes this long
-DRIFT = 0.3  # a stored table whose dense model now times this much off is measured anew
+DRIFT = 0.5  # a stored table whose dense model now times this much off is measured anew
 
 
 def machine_id() -> str:
