@@ -445,8 +445,9 @@ def measure_table(model: nn.Module, inv: Inventory, space, *, runtime: str = "to
 
             warnings.warn(
                 f"latency table {path.name}: the dense model takes {1e3 * now:.2f} ms now, "
-                f"{1e3 * table.model_s:.2f} ms when the table was measured; this machine "
-                "is not as fast as the one it was measured on, so it is measured again",
+                f"{1e3 * table.model_s:.2f} ms when the table was measured: this machine "
+                "does not run at the speed the table was measured at, so it is measured "
+                "again",
                 stacklevel=2)
             table = LatencyTable(key)
             table.model_s = now

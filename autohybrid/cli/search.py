@@ -83,8 +83,8 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-FLAGS = ("budget", "metric", "runtime", "latency_batch", "threads", "latency_margin", "model", "checkpoint",
-         "num_classes", "input_size", "data",
+FLAGS = ("budget", "metric", "runtime", "latency_batch", "threads", "latency_margin", "model",
+         "checkpoint", "num_classes", "input_size", "data",
          "search_space", "out", "storage", "study_name", "sampler", "backend", "ray_address",
          "concurrency", "trials", "population", "seed", "calib", "batch_size", "bn_recal",
          "quality", "fit", "damp", "saliency", "max_groups", "local_search", "val",
