@@ -51,17 +51,17 @@ def forms_for(layer: LayerInfo, spec: LayerSpec, runtime: str = "torch") -> tupl
     """The forms ``spec`` can run in on ``runtime`` (the first is the trained form's
     equivalent)."""
     method = METHODS[spec.method]
-    csr = runtime == "torch" and runs_as_matmul(layer)
+    kernel = runtime == "torch" and runs_as_matmul(layer)  # a CSR / BSR matmul can run it
     if spec.method == "dense":
         return ("dense",)
     if spec.method == HYBRID:
-        return ("branches", "dense", *(("branches-csr",) if csr else ()))
+        return ("branches", "dense", *(("branches-csr",) if kernel else ()))
     if method.lowrank and hasattr(method, "reconstruct"):
         return ("chain", "dense")
     if spec.method == "sparse":
-        return ("dense", *(("csr",) if csr else ()))
+        return ("dense", *(("csr",) if kernel else ()))
     if spec.method == "block-sparse":
-        return ("dense", *(("bsr",) if csr else ()))
+        return ("dense", *(("bsr",) if kernel else ()))
     return ("built",)  # a method of its own: run as it builds
 
 

@@ -462,10 +462,8 @@ def measure_table(model: nn.Module, inv: Inventory, space, *, runtime: str = "to
     in_model = runtime != "torch" or set(table.in_model_s) >= set(candidates)
     if not todo and table.model_s and probed() and in_model:
         return table
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
     t0 = time.time()
-    try:
+    with _threads(threads):
         if not table.model_s:
             table.model_s = measure_model_seconds(model, inv.input_size, batch, run)
         by_name = inv.by_name
@@ -483,8 +481,6 @@ def measure_table(model: nn.Module, inv: Inventory, space, *, runtime: str = "to
             table.alpha = calibrate(table, model, inv, run, probe)
             table.alpha_at = probe
             table.seconds += time.time() - t0
-    finally:
-        torch.set_num_threads(old_threads)
     table.save(path)
     return table
 
@@ -564,22 +560,19 @@ def calibrate(table: LatencyTable, model: nn.Module, inv: Inventory, run: _Runne
 
 def measure_model(model: nn.Module, dense: nn.Module, input_size, batch: int,
                   runtime: str = "torch", threads: int | None = None,
-                  rounds: int = 15) -> dict:
-    """``model``'s time beside ``dense``'s, interleaved: {'ratio', 'ms', 'dense_ms'}."""
+                  rounds: int = 15, repeats: int = 1) -> dict:
+    """``model``'s time beside ``dense``'s, interleaved: {'ratio', 'ms', 'dense_ms'}; with
+    ``repeats``, the median of that many measurements (one moves by a few percent)."""
     threads = threads or torch.get_num_threads()
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         run = _Runner(runtime, threads)
         x = torch.randn(batch, *input_size, generator=torch.Generator().manual_seed(0))
-        ratios, t_dense = time_interleaved({"dense": run(dense.eval(), x),
-                                            "model": run(model.eval(), x)}, "dense",
-                                           rounds=rounds)
-    finally:
-        torch.set_num_threads(old)
-    return {"ratio": ratios["model"], "ms": 1e3 * t_dense * ratios["model"],
-            "dense_ms": 1e3 * t_dense, "batch": batch, "runtime": runtime,
-            "threads": threads}
+        fns = {"dense": run(dense.eval(), x), "model": run(model.eval(), x)}
+        runs = [time_interleaved(fns, "dense", rounds=rounds) for _ in range(max(1, repeats))]
+    ratio = statistics.median(r["model"] for r, _ in runs)
+    t_dense = statistics.median(t for _, t in runs)
+    return {"ratio": ratio, "ms": 1e3 * t_dense * ratio, "dense_ms": 1e3 * t_dense,
+            "batch": batch, "runtime": runtime, "threads": threads}
 
 
 # -- whole models: the forms to export, speed beside the dense model --------------------------
@@ -596,13 +589,9 @@ def best_forms(table: LatencyTable, inv: Inventory, layers: Mapping[str, LayerSp
     missing = [n for n, s in layers.items()
                if s.method != "dense" and table.forms(n, s) is None]
     if missing:
-        old = torch.get_num_threads()
-        torch.set_num_threads(key["threads"])
-        try:
+        with _threads(key["threads"]):
             for n in bar(missing, desc="latency of the chosen specs", progress=progress):
                 measure_specs(table, by_name[n], [layers[n]], run, key["batch"])
-        finally:
-            torch.set_num_threads(old)
     return {n: table.best_form(n, s)[0] for n, s in layers.items() if s.method != "dense"}
 
 

@@ -49,7 +49,6 @@ import dataclasses
 import hashlib
 import re
 import shlex
-import statistics
 import sys
 import time
 
@@ -102,8 +101,7 @@ def top1(model: nn.Module, test) -> float:
 def latency(model: nn.Module, dense: nn.Module, repeats: int = REPEATS, size=SIZE) -> float:
     """The median of ``repeats`` interleaved measurements (load on a shared machine moves
     one measurement by several points)."""
-    return statistics.median(measure_model(model, dense, size, 1, "torch", 1)["ratio"]
-                             for _ in range(repeats))
+    return measure_model(model, dense, size, 1, "torch", 1, repeats=repeats)["ratio"]
 
 
 class CachedTeacher(nn.Module):

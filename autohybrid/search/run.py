@@ -31,6 +31,7 @@ from autohybrid.search.params import LEVELS, MIN_SCALE, ParamSpace, group_layers
 from autohybrid.search.select import (
     Ladder,
     Selection,
+    allocation_file,
     candidate_pool,
     ladder_of,
     resolve_device,
@@ -231,14 +232,15 @@ def run_search(cfg: SearchConfig) -> Path:
     setup = setup_search(cfg)
     study = run_study(setup)
     trials = study.get_trials(deepcopy=False)
-    if not pareto_front(trials, cfg.budget):
+    front = pareto_front(trials, cfg.budget)
+    if not front:
         n = len(trials)
         hint = ("or lower --latency-margin " if cfg.metric == "latency" else "")
         raise BudgetError(
             f"none of the study's {n} trials is within the budget {cfg.budget:g} of "
             f"{cfg.metric} (the warm starts and every repair fell short); raise --budget "
             f"{hint}or widen the search space")
-    write_front(study, out, cfg.budget)
+    write_allocations(study, front, out)  # the front's files (``write_front``), once
     rows, lad = run_selection(setup, study)
     if cfg.speed:
         rows = measure_speed(setup, rows)
@@ -292,7 +294,7 @@ def write_allocations(study: optuna.Study, trials: list, out: Path) -> None:
                   "warm_start": t.user_attrs.get("warm_start"), "origin": origin(t),
                   "bn_recal": t.user_attrs.get("bn_recal"), **meta_fit},
         )
-        alloc.save(out / "allocations" / f"trial-{t.number:04d}.yaml")
+        alloc.save(out / allocation_file(t.number))
 
 
 def run_selection(setup, study: optuna.Study) -> tuple[list[dict], Ladder]:
@@ -305,8 +307,7 @@ def run_selection(setup, study: optuna.Study) -> tuple[list[dict], Ladder]:
         return [search_row(t, cfg.quality) for t in pareto_front(trials, cfg.budget)], None
     write_allocations(study, pool, Path(cfg.out))
     if setup.ps.latency is not None:  # what is returned must measure within the budget
-        pool = within_measured(setup, pool, lambda t: Path(cfg.out) / "allocations" /
-                               f"trial-{t.number:04d}.yaml")
+        pool = within_measured(setup, pool)
     lad = ladder_of(cfg, len(pool), len(setup.splits.finetune))
     console.rule(f"select: {len(pool)} candidates, rungs at {list(lad.steps)} fine-tune "
                  f"steps (eta {lad.eta}, {lad.cost} steps in all), validation "

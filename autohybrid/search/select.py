@@ -43,9 +43,9 @@ from autohybrid.exceptions import ConfigError
 from autohybrid.methods import HYBRID, METHODS
 from autohybrid.search.study import trial_layers, within_budget
 
-__all__ = ["Ladder", "RungPruner", "Selection", "SelectionStudy", "candidate_pool", "family",
-           "ladder", "ladder_for_budget", "ladder_of", "resolve_device", "search_row",
-           "SELECT_SUFFIX"]
+__all__ = ["allocation_file", "Ladder", "RungPruner", "Selection", "SelectionStudy",
+           "candidate_pool", "family", "ladder", "ladder_for_budget", "ladder_of",
+           "resolve_device", "search_row", "SELECT_SUFFIX"]
 
 SELECT_SUFFIX = ":select"
 FAMILIES = ("sparse", "low-rank", "low-rank + sparse")
@@ -97,6 +97,11 @@ def candidate_pool(trials: list[FrozenTrial], budget: float, size: int) -> list[
         take(t)
     return sorted(pool, key=lambda t: (t.values[0], t.number))
 
+
+
+def allocation_file(number: int) -> str:
+    """Trial ``number``'s allocation file, relative to the output folder."""
+    return f"allocations/trial-{number:04d}.yaml"
 
 # -- the ladder -----------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -322,7 +327,7 @@ class Selection:
     def alloc(self, c: int):
         from autohybrid.allocation import Allocation
 
-        return Allocation.load(self.out / "allocations" / f"trial-{c:04d}.yaml",
+        return Allocation.load(self.out / allocation_file(c),
                                self.setup.inv)
 
     def deploy_alloc(self, c: int):
@@ -440,7 +445,7 @@ class Selection:
                 row[f"val_top1_step_{step}"] = st.intermediate_values.get(step)
             row["returned"] = st.state == TrialState.COMPLETE
             row["test_top1_after"] = st.user_attrs.get("test_top1_after")
-            row["allocation"] = f"allocations/trial-{c:04d}.yaml"
+            row["allocation"] = allocation_file(c)
             row["model"] = st.user_attrs.get("model")
             rows.append(row)
         return rows
@@ -452,7 +457,7 @@ def search_row(t: FrozenTrial, quality: str) -> dict:
     return {"trial": t.number, quality: t.values[0], "top1_calibration": t.user_attrs.get("top1"),
             "params_fraction": t.user_attrs["params_fraction"],
             "macs_fraction": t.user_attrs["macs_fraction"], "family": family(t),
-            "origin": _origin(t), "allocation": f"allocations/trial-{t.number:04d}.yaml"}
+            "origin": _origin(t), "allocation": allocation_file(t.number)}
 
 
 def _list(cs: list[int]) -> str:

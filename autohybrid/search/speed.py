@@ -16,7 +16,6 @@ under the budget can measure just over it, and what the search returns must meas
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from autohybrid.latency import (
     speed,
 )
 from autohybrid.progress import bar, console
+from autohybrid.search.select import allocation_file
 
 __all__ = ["speed_batches", "measure_speed", "within_measured"]
 
@@ -85,7 +85,7 @@ def measure_speed(setup, rows: list[dict]) -> list[dict]:
     return rows
 
 
-def within_measured(setup, pool: list, alloc_path) -> list:
+def within_measured(setup, pool: list) -> list:
     """The candidates of ``pool`` whose model (random values, the table's fastest forms)
     measures at or under the latency budget at the table's batch, timed interleaved with the
     dense model; kept in ``candidates-latency.json``, so a resumed selection sees the same
@@ -98,14 +98,13 @@ def within_measured(setup, pool: list, alloc_path) -> list:
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     measured = {}
     for t in bar(pool, desc="latency of the candidates"):
-        path = alloc_path(t)
+        path = out / allocation_file(t.number)
         key = json.dumps([path.name, path.read_text(), table.key], sort_keys=True)
         if key not in cache:
             layers = Allocation.load(path, inv).layers
             model = random_model(setup.model, inv, layers, best_forms(table, inv, layers))
-            cache[key] = statistics.median(  # one measurement moves by a few percent
-                measure_model(model, setup.model, setup.size, batch, cfg.runtime,
-                              threads)["ratio"] for _ in range(REPEATS))
+            cache[key] = measure_model(model, setup.model, setup.size, batch, cfg.runtime,
+                                       threads, repeats=REPEATS)["ratio"]
             atomic_write_text(cache_path, json.dumps(cache, indent=1))
         measured[t.number] = cache[key]
     kept = [t for t in pool if measured[t.number] <= cfg.budget]

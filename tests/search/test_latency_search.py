@@ -109,6 +109,7 @@ def test_candidates_measuring_over_the_latency_budget_leave_the_pool(run, monkey
     over the budget leaves the pool (the prediction errs by a few percent), the measurements
     are kept for a resumed selection, and with none within, the fastest stays."""
     import json
+    import shutil
     from pathlib import Path
     from types import SimpleNamespace
 
@@ -123,31 +124,37 @@ def test_candidates_measuring_over_the_latency_budget_leave_the_pool(run, monkey
     setup = SimpleNamespace(cfg=SearchConfig(budget=0.9, out=str(d / "measured")),
                             inv=ah.inventory(model, (3, 8, 8)), ps=SimpleNamespace(
                                 latency=table), model=model, size=(3, 8, 8))
-    Path(setup.cfg.out).mkdir()
     pool = [SimpleNamespace(number=int(p.stem.split("-")[1])) for p in allocs[:2]]
     ratios = {pool[0].number: 0.95, pool[1].number: 0.88}
     timed = []
 
-    def fake_measure(m, dense, size, batch, runtime, threads):
-        n = timed_number[0]
-        timed.append(n)
-        return {"ratio": ratios[n]}
+    def with_allocations(folder: Path) -> str:  # the output folder the selection reads
+        (folder / "allocations").mkdir(parents=True)
+        for p in allocs[:2]:
+            shutil.copy(p, folder / "allocations" / p.name)
+        return str(folder)
 
-    timed_number = [None]
-    by_path = {t.number: out / "allocations" / f"trial-{t.number:04d}.yaml" for t in pool}
+    def layers_key(layers) -> str:
+        return json.dumps({k: v.to_dict() for k, v in layers.items()}, sort_keys=True)
 
-    def path_of(t):
-        timed_number[0] = t.number
-        return by_path[t.number]
+    trial_of = {layers_key(ah.Allocation.load(p).layers): t.number
+                for p, t in zip(allocs[:2], pool)}
+    assert len(trial_of) == 2  # two distinct allocations
 
+    def fake_measure(m, dense, size, batch, runtime, threads, repeats=1):
+        timed.extend([trial_of[m]] * repeats)  # the random model stands for its trial
+        return {"ratio": ratios[trial_of[m]]}
+
+    monkeypatch.setattr("autohybrid.search.speed.random_model",
+                        lambda model, inv, layers, forms: layers_key(layers))
     monkeypatch.setattr("autohybrid.search.speed.measure_model", fake_measure)
-    kept = within_measured(setup, pool, path_of)
+    setup.cfg.out = with_allocations(d / "measured")
+    kept = within_measured(setup, pool)
     n = 2 * lat.REPEATS  # each candidate: the median of REPEATS measurements
     assert [t.number for t in kept] == [pool[1].number] and len(timed) == n
-    again = within_measured(setup, pool, path_of)  # resumed: read back, not timed again
+    again = within_measured(setup, pool)  # resumed: read back, not timed again
     assert [t.number for t in again] == [pool[1].number] and len(timed) == n
     ratios[pool[1].number] = 0.97
-    setup.cfg.out = str(d / "measured-2")
-    Path(setup.cfg.out).mkdir()
-    slowest_first = within_measured(setup, pool, path_of)
+    setup.cfg.out = with_allocations(d / "measured-2")
+    slowest_first = within_measured(setup, pool)
     assert [t.number for t in slowest_first] == [pool[0].number]  # none within: the fastest
