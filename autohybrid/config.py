@@ -79,7 +79,8 @@ class SearchConfig:
     # choice is made on them); None: 1000, or a fifth of a smaller training split
     candidates: int = 6  # trials the selection stage fine-tunes (successive halving); 0: none
     eta: int = 3  # halving factor: each rung keeps the top 1/eta for eta times more steps
-    finetune_budget: int | None = None  # fine-tune steps of the whole ladder (default 800)
+    finetune_budget: int | None = None  # fine-tune steps of the whole ladder (default 800;
+    # 0: no fine-tune, the candidate with the best validation top-1 as fitted is returned)
     finetune_epochs: float | None = None  # or: the winner's full fine-tune, in epochs ...
     finetune_steps: int | None = None  # ... or in steps (the ladder's cost follows)
     finetune_lr: float = 3e-4
@@ -186,8 +187,9 @@ class SearchConfig:
                               f"got {self.candidates!r}")
         for key in ("val", "finetune_budget", "finetune_steps"):
             v = getattr(self, key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"{key} must be a positive integer, got {v!r}")
+            low = 0 if key == "finetune_budget" else 1  # 0: no fine-tune, rung 0 decides
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise ConfigError(f"{key} must be an integer >= {low}, got {v!r}")
         if isinstance(self.eta, bool) or not isinstance(self.eta, int) or self.eta < 2:
             raise ConfigError(f"eta is the halving factor, an integer >= 2; got {self.eta!r}")
         epochs = self.finetune_epochs

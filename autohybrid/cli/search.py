@@ -71,7 +71,8 @@ def register(sub) -> None:
                    "for eta times more fine-tune steps (default 3)")
     p.add_argument("--finetune-budget", type=int, metavar="STEPS",
                    help="fine-tune steps of the whole halving ladder (default 800); the "
-                   "winner gets the longest full fine-tune that fits")
+                   "winner gets the longest full fine-tune that fits. 0: no fine-tune, the "
+                   "candidate with the best validation top-1 as fitted is returned")
     p.add_argument("--finetune-epochs", type=float,
                    help="the winner's full fine-tune in epochs (instead of --finetune-budget)")
     p.add_argument("--finetune-steps", type=int,

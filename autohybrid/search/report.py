@@ -164,9 +164,13 @@ def _speed_summary(df: pd.DataFrame) -> str:
 
 def _selection_summary(df: pd.DataFrame, lad) -> str:
     won = df[df.returned.astype(bool)] if "returned" in df else df.iloc[:0]
-    text = (f"{len(df)} candidates fine-tuned by successive halving (eta {lad.eta}): rungs at "
-            f"{', '.join(map(str, lad.steps))} fine-tune steps, {lad.cost} steps in all, "
-            "each rung keeping the best by validation top-1.")
+    if lad.full == 0:
+        text = (f"{len(df)} candidates fitted and ranked by validation top-1 with no "
+                "fine-tune (--finetune-budget 0).")
+    else:
+        text = (f"{len(df)} candidates fine-tuned by successive halving (eta {lad.eta}): "
+                f"rungs at {', '.join(map(str, lad.steps))} fine-tune steps, {lad.cost} steps "
+                "in all, each rung keeping the best by validation top-1.")
     if len(won):
         r = won.iloc[0]
         text += (f" Returned: trial {int(r.trial)}, validation top-1 "

@@ -14,6 +14,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 import pandas as pd
@@ -52,6 +53,12 @@ from autohybrid.sensitivity import sensitivity
 from autohybrid.stats import input_stats
 from autohybrid.storage import get_storage, mask_url
 
+if TYPE_CHECKING:  # the annotations only: data and sensitivity load lazily
+    from autohybrid.data import DataBundle, Splits
+    from autohybrid.inventory import Inventory
+    from autohybrid.sensitivity import SensitivityTable
+    from autohybrid.stats import LayerStats
+
 __all__ = ["run_search", "setup_search", "run_study", "write_front", "write_allocations",
            "run_selection", "write_pareto", "load_model", "SearchSetup", "smallest_fraction"]
 
@@ -79,11 +86,11 @@ class SearchSetup:
     cfg: SearchConfig
     model: torch.nn.Module
     size: tuple[int, int, int]
-    data: object  # DataBundle
-    splits: object  # data.Splits: calibration, validation, fine-tune
-    inv: object  # Inventory
-    table: object  # SensitivityTable
-    stats: dict | None
+    data: DataBundle
+    splits: Splits  # calibration, validation, fine-tune: disjoint
+    inv: Inventory
+    table: SensitivityTable
+    stats: LayerStats | None  # with the data fit
     ps: ParamSpace
     evaluator: Evaluator
     warm: dict

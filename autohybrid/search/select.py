@@ -44,8 +44,9 @@ from autohybrid.methods import HYBRID, METHODS
 from autohybrid.search.study import trial_layers, within_budget
 
 __all__ = ["allocation_file", "Ladder", "RungPruner", "Selection", "SelectionStudy",
-           "candidate_pool", "family", "ladder", "ladder_for_budget", "ladder_of",
-           "resolve_device", "search_row", "SELECT_SUFFIX"]
+           "Validation", "candidate_pool", "family", "fit_candidate", "ladder",
+           "ladder_for_budget", "ladder_of", "recipe", "resolve_device", "search_row",
+           "test_top1", "SELECT_SUFFIX"]
 
 SELECT_SUFFIX = ":select"
 FAMILIES = ("sparse", "low-rank", "low-rank + sparse")
@@ -121,6 +122,13 @@ class Ladder:
     def full(self) -> int:
         return self.steps[-1]
 
+    def keep(self, k: int) -> int | None:
+        """How many candidates leave rung ``k`` for the next (the last rung: one, the winner;
+        None where the rung decides nothing)."""
+        if k + 1 < len(self.sizes):
+            return self.sizes[k + 1]
+        return 1 if self.sizes[k] > 1 else None
+
     def to_dict(self) -> dict:
         return {"sizes": list(self.sizes), "steps": list(self.steps), "eta": self.eta}
 
@@ -156,11 +164,21 @@ def ladder_of(cfg, candidates: int, train_images: int) -> Ladder:
         per_epoch = max(1, train_images // batch)
         full = cfg.finetune_steps or max(1, math.ceil(cfg.finetune_epochs * per_epoch))
         return ladder(candidates, cfg.eta, full)
-    return ladder_for_budget(candidates, cfg.eta, cfg.finetune_budget or FINETUNE_BUDGET)
+    budget = FINETUNE_BUDGET if cfg.finetune_budget is None else cfg.finetune_budget
+    return ladder_for_budget(candidates, cfg.eta, budget)
+
+
+def no_finetune(n: int, eta: int) -> Ladder:
+    """Rung 0 alone: the candidate with the best validation top-1 as fitted is returned,
+    with no fine-tune (post-training compression)."""
+    return Ladder((n,), (0,), eta)
 
 
 def ladder_for_budget(n: int, eta: int, budget: int) -> Ladder:
-    """The ladder with the longest full fine-tune whose total cost is within ``budget``."""
+    """The ladder with the longest full fine-tune whose total cost is within ``budget``
+    (0: no fine-tune, rung 0 decides)."""
+    if budget == 0:
+        return no_finetune(n, eta)
     unit = ladder(n, eta, 10**6)
     full = max(1, math.floor(budget * 10**6 / max(unit.cost, 1)))
     lad = ladder(n, eta, full)
@@ -173,7 +191,7 @@ def ladder_for_budget(n: int, eta: int, budget: int) -> Ladder:
 # -- the pruner -----------------------------------------------------------------------------
 class RungPruner(optuna.pruners.BasePruner):
     """Synchronous successive halving on a ``Ladder``: a trial that reported its value at
-    rung k's step is pruned unless that value is among the best ``sizes[k + 1]`` of the
+    rung k's step is pruned unless that value is among the best ``Ladder.keep(k)`` of the
     values every trial of the study reported at that step (ties: the earlier trial). Asked
     before all ``sizes[k]`` candidates have reported the rung, it raises: deciding early is
     what makes the asynchronous rule order-dependent."""
@@ -186,7 +204,8 @@ class RungPruner(optuna.pruners.BasePruner):
         if step is None or step not in self.ladder.steps:
             return False
         k = self.ladder.steps.index(step)
-        if k == len(self.ladder.steps) - 1:
+        keep = self.ladder.keep(k)
+        if keep is None:
             return False
         reported = [(t.intermediate_values[step], t.number)
                     for t in study.get_trials(deepcopy=False)
@@ -195,7 +214,7 @@ class RungPruner(optuna.pruners.BasePruner):
             raise RuntimeError(f"rung {k} decided with {len(reported)} of "
                                f"{self.ladder.sizes[k]} candidates reported")
         ranked = sorted(reported, key=lambda vn: (-vn[0], vn[1]))
-        keep = {n for _, n in ranked[:self.ladder.sizes[k + 1]]}
+        keep = {n for _, n in ranked[:keep]}
         return trial.number not in keep
 
 
@@ -298,28 +317,80 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def recipe(setup, steps: int, save_every: int | None = None):
+    """The fine-tune every candidate of ``setup``'s search gets (``SearchConfig.
+    finetune_recipe``), ``steps`` long, images mirrored where the data allows it."""
+    from autohybrid.finetune import FinetuneConfig
+
+    return FinetuneConfig(**{**setup.cfg.finetune_recipe(), "steps": steps,
+                             "flip": setup.data.mirror_invariant, "save_every": save_every})
+
+
+@dataclass
+class Validation:
+    """The validation images of a search, their labels and the dense model's outputs."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    reference: torch.Tensor
+
+    @classmethod
+    def of(cls, setup) -> Validation:
+        from autohybrid.data import as_tensors
+
+        x, y = as_tensors(setup.splits.validation)
+        with torch.no_grad():
+            ref = torch.cat([setup.model(b) for b in x.split(setup.cfg.batch_size)])
+        return cls(x, y, ref)
+
+    def top1(self, small: torch.nn.Module, batch_size: int = 256) -> float:
+        from autohybrid.search.objective import score_model
+
+        small = small.cpu().eval()
+        return score_model(small, self.images, self.labels, self.reference,
+                           batch_size)["top1"]
+
+
+def fit_candidate(setup, alloc, val: Validation) -> tuple[torch.nn.Module, dict]:
+    """``alloc`` built as the search hands a candidate on: layers sequentially refit to the
+    calibration images (when the search fits to data), BatchNorm recalibration on or off
+    chosen on the validation images. Returns the model and its validation scores
+    (``bn_recal``: which)."""
+    from autohybrid.apply import apply
+    from autohybrid.search.objective import score_with_bn_choice
+
+    ev = setup.evaluator
+    small = apply(setup.model, alloc, inv=setup.inv, progress=False,
+                  calibration=ev.images if ev.fits_data else None)
+    chosen = score_with_bn_choice(small, val.images, val.labels, val.reference, ev.bn_recal,
+                                  ev.recal_images, ev.batch_size, setup.cfg.quality,
+                                  recal_with=ev.images)
+    return small, chosen
+
+
+def test_top1(setup, small: torch.nn.Module, device=None) -> float:
+    """Top-1 on ``setup``'s test split: reported, never chosen on."""
+    from autohybrid.evaluate import evaluate
+
+    return evaluate(small.to(device or "cpu"), setup.test, progress=False)["top1"]
+
+
 class Selection:
     """Successive halving over the pool of ``setup``'s study (``run_selection``)."""
 
     def __init__(self, setup, study: optuna.Study, pool: list[FrozenTrial], lad: Ladder):
-        from autohybrid.data import as_tensors
-        from autohybrid.finetune import FinetuneConfig
-
         self.setup, self.cfg, self.ladder = setup, setup.cfg, lad
         self.out = Path(self.cfg.out)
         self.by_number = {t.number: t for t in pool}
         self.device = resolve_device(self.cfg.device)
         # a checkpoint every quarter of the first rung: a kill loses little of any rung
-        self.ft = FinetuneConfig(**{**self.cfg.finetune_recipe(), "steps": lad.full,
-                                    "flip": setup.data.mirror_invariant,
-                                    "save_every": max(1, lad.steps[1] // 4)})
-        self.xv, self.yv = as_tensors(setup.splits.validation)
-        with torch.no_grad():
-            self.ref_v = torch.cat([setup.model(x) for x in self.xv.split(self.cfg.batch_size)])
+        self.ft = recipe(setup, max(lad.full, 1),
+                         save_every=max(1, lad.steps[1] // 4) if lad.full else None)
+        self.val = Validation.of(setup)
         self.teacher = setup.model if self.device.type == "cpu" else \
             copy.deepcopy(setup.model).to(self.device)
         self.stage = SelectionStudy(setup.storage, setup.study_name, pool, lad,
-                                    {"finetune": self.ft.to_dict(),
+                                    {"finetune": self.ft.to_dict() if lad.full else None,
                                      "val": len(setup.splits.validation)})
         self.models: dict[int, torch.nn.Module] = {}
 
@@ -346,17 +417,8 @@ class Selection:
         return alloc
 
     def fitted(self, c: int) -> torch.nn.Module:
-        """Candidate ``c`` as handed on by the search: sequentially refit to the calibration
-        images, BatchNorm recalibration on or off chosen on the validation images."""
-        from autohybrid.apply import apply
-        from autohybrid.search.objective import score_with_bn_choice
-
-        ev = self.setup.evaluator
-        small = apply(self.setup.model, self.alloc(c), inv=self.setup.inv, progress=False,
-                      calibration=ev.images if ev.fits_data else None)
-        chosen = score_with_bn_choice(small, self.xv, self.yv, self.ref_v, ev.bn_recal,
-                                      ev.recal_images, ev.batch_size, self.cfg.quality,
-                                      recal_with=ev.images)
+        """Candidate ``c`` as handed on by the search (``fit_candidate``)."""
+        small, chosen = fit_candidate(self.setup, self.alloc(c), self.val)
         if self.stage.trial(c).user_attrs.get("bn_recal") is None:
             self.stage.set_attr(c, "bn_recal", chosen["bn_recal"])
             self.stage.set_attr(c, f"val_{self.cfg.quality}", chosen[self.cfg.quality])
@@ -368,10 +430,7 @@ class Selection:
         return self.models[c]
 
     def val_top1(self, small: torch.nn.Module) -> float:
-        from autohybrid.search.objective import score_model
-
-        small = small.cpu().eval()
-        return score_model(small, self.xv, self.yv, self.ref_v, self.cfg.batch_size)["top1"]
+        return self.val.top1(small, self.cfg.batch_size)
 
     def tune(self, c: int, step: int) -> torch.nn.Module:
         """Candidate ``c``'s fine-tune continued to ``step`` (from its checkpoint)."""
@@ -384,9 +443,7 @@ class Selection:
         return small
 
     def test_top1(self, small: torch.nn.Module) -> float:
-        from autohybrid.evaluate import evaluate
-
-        return evaluate(small.to(self.device), self.setup.test, progress=False)["top1"]
+        return test_top1(self.setup, small, self.device)
 
     # the ladder
     def run(self) -> int:
@@ -408,7 +465,7 @@ class Selection:
                 stage.report(c, step, value)
                 console.print(f"  trial {c}: validation top-1 {value:.2f} % after {step} "
                               "step(s)")
-            if k < len(lad.steps) - 1:
+            if lad.keep(k) is not None:
                 pruned = stage.decide(entering)
                 for c in pruned:
                     self.models.pop(c, None)

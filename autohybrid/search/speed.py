@@ -15,6 +15,7 @@ under the budget can measure just over it, and what the search returns must meas
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -54,8 +55,11 @@ def measure_speed(setup, rows: list[dict]) -> list[dict]:
     cache_path = out / "speed.json"
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     for row in bar(rows, desc="speed of the results"):
-        key = json.dumps([row["allocation"], row.get("model"), cfg.runtime, threads, batches,
-                          table.key if table is not None else None], sort_keys=True)
+        # the file's content, not only its name: another budget's search in the same folder
+        # writes other layers under the same trial number
+        digest = hashlib.sha256((out / row["allocation"]).read_bytes()).hexdigest()[:16]
+        key = json.dumps([row["allocation"], digest, row.get("model"), cfg.runtime, threads,
+                          batches, table.key if table is not None else None], sort_keys=True)
         if key in cache:
             row.update(cache[key])
             continue

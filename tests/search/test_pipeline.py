@@ -166,6 +166,61 @@ def test_rerun_resumes_without_new_work(run):
     pd.testing.assert_frame_equal(before, after)
 
 
+def test_speed_cache_follows_the_allocation_not_its_name(run, tmp_path, monkeypatch):
+    """``speed.json`` is keyed by the allocation's content: another search in the same folder
+    (another budget) writes other layers under the same trial number, and is measured anew."""
+    from types import SimpleNamespace
+
+    import autohybrid.search.speed as speed_mod
+
+    cfg, out, ckpt = run
+    calls = []
+    monkeypatch.setattr(speed_mod, "speed", lambda *a, **k: calls.append(1) or
+                        {"latency_ratio_b1": 0.5 + len(calls)})
+    (tmp_path / "allocations").mkdir()
+    path = "allocations/trial-0000.yaml"
+    alloc = ah.Allocation.load(out / pd.read_csv(out / "pareto.csv").allocation[0])
+    alloc.save(tmp_path / path)
+    model = create_model("cifar_resnet20", checkpoint=ckpt)
+    setup = SimpleNamespace(cfg=SearchConfig(out=str(tmp_path)), model=model, size=(3, 16, 16),
+                            inv=ah.inventory(model, (3, 16, 16)),
+                            ps=SimpleNamespace(latency=None))
+    first = speed_mod.measure_speed(setup, [{"allocation": path}])[0]["latency_ratio_b1"]
+    again = speed_mod.measure_speed(setup, [{"allocation": path}])[0]["latency_ratio_b1"]
+    assert len(calls) == 1 and again == first  # cached
+    name, spec = next(iter(alloc.layers.items()))
+    alloc.layers = {name: spec}  # other layers, same file name
+    alloc.save(tmp_path / path)
+    other = speed_mod.measure_speed(setup, [{"allocation": path}])[0]["latency_ratio_b1"]
+    assert len(calls) == 2 and other != first
+
+
+def test_finetune_budget_zero_returns_the_best_candidate_as_fitted(run, tmp_path):
+    """``--finetune-budget 0`` (post-training compression): the same candidates, fitted and
+    scored on the validation split, and the best of them returned with no fine-tune step."""
+    import optuna
+
+    cfg, out, _ = run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("select", "models"))
+    optuna.delete_study(study_name="cifar_resnet20-params-0.6:select",
+                        storage=f"sqlite:///{copy / 'study.db'}")
+    d = {**cfg.to_dict(), "out": str(copy), "finetune_steps": None, "finetune_budget": 0}
+    run_search(SearchConfig.from_dict(d))
+    front = pd.read_csv(copy / "pareto.csv")
+    assert [c for c in front if c.startswith("val_top1_step_")] == ["val_top1_step_0"]
+    assert len(front) == len(pd.read_csv(out / "pareto.csv"))  # the same pool
+    won = front[front.returned].iloc[0]
+    assert front.returned.sum() == 1
+    assert won.val_top1_step_0 == front.val_top1_step_0.max()
+    assert won.test_top1_after == won.test_top1_before  # nothing trained
+    assert not (copy / "select").exists()  # no fine-tune checkpoint was written
+    model = ah.load(copy / won.model)
+    data = load_data("digits", model, input_size=(3, 16, 16))
+    assert abs(evaluate(model, data.test, progress=False)["top1"] - won.test_top1_after) <= 0.1
+    assert "no fine-tune" in (copy / "report.html").read_text()
+
+
 # -- the report in a real browser -------------------------------------------------------------
 # Appended to a copy of report.html: measures every <svg> once the page has laid out and
 # writes the numbers into the DOM, which --dump-dom prints.

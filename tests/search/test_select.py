@@ -52,6 +52,21 @@ def test_ladder_for_budget_is_the_longest_that_fits() -> None:
     assert ladder_for_budget(6, 3, 800).full == 600  # 2 x 200 + 1 x 400
 
 
+def test_no_finetune_budget_keeps_the_best_of_rung_zero() -> None:
+    """Budget 0: one rung, no fine-tune step, and the pruner keeps exactly the best one."""
+    lad = ladder_for_budget(5, 3, 0)
+    assert (lad.sizes, lad.steps, lad.cost, lad.full) == ((5,), (0,), 0, 0)
+    values = [61.0, 70.0, 55.0, 70.0, 64.0]
+    study, trials = _stage(lad, values)
+    for t, v in zip(trials, values):
+        t.report(v, 0)
+    assert [t.should_prune() for t in trials] == [True, False, True, True, True]  # tie: earlier
+    one = ladder_for_budget(1, 3, 0)
+    study, (t,) = _stage(one, [50.0])
+    t.report(50.0, 0)
+    assert not t.should_prune()
+
+
 # -- the pruner -----------------------------------------------------------------------------
 def _stage(lad, values: list[float]):
     study = optuna.create_study(direction="maximize", pruner=RungPruner(lad))
