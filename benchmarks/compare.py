@@ -112,6 +112,9 @@ def config(model: str, metric: str, budget: float, row: str, s: Settings,
     return cfg
 
 
+CANDIDATE_KEYS = ("trial", "family", "origin", "test_top1_before")
+
+
 def search_row(cfg: SearchConfig) -> dict:
     """``autohybrid search`` on ``cfg``: what it returned and the candidates it weighed."""
     run_search(cfg)
@@ -125,9 +128,8 @@ def search_row(cfg: SearchConfig) -> dict:
             "params_fraction": won["params_fraction"], "macs_fraction": won["macs_fraction"],
             "finetune_steps": steps[-1], "bn_recal": won.get("bn_recal"),
             "returned": {k: won.get(k) for k in ("trial", "family", "origin", "kl")},
-            "candidates": [{k: r.get(k) for k in r if k == "trial" or k == "family" or
-                            k == "origin" or k.startswith("val_top1_step_") or
-                            k == "test_top1_before"} for r in rows],
+            "candidates": [{k: v for k, v in r.items() if k in CANDIDATE_KEYS
+                            or k.startswith("val_top1_step_")} for r in rows],
             "latency_b1": won.get("latency_ratio_b1"), "latency_b64": won.get("latency_ratio_b64")}
 
 

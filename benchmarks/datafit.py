@@ -1,4 +1,5 @@
-"""Data-fitted layers against weight-fitted ones on the shared CIFAR-10 checkpoints, no fine-tuning.
+"""Data-fitted layers against weight-fitted ones on the shared CIFAR-10 checkpoints, no
+fine-tuning.
 
 Per model and params budget (fraction of the whole model's params, the tool's budget) a fixed set
 of allocations is built and applied twice where it makes sense: with every compressed layer
@@ -31,13 +32,10 @@ cached under ``benchmarks/out/datafit/`` (git-ignored).
 
 from __future__ import annotations
 
-import _common  # first: records the caller's thread settings
-
 import argparse
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -45,6 +43,7 @@ import time
 import traceback
 from pathlib import Path
 
+import _common  # first: records the caller's thread settings
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import Subset, TensorDataset
@@ -444,7 +443,8 @@ def report() -> Path:
         "`global_saliency` scores. *Uniform* rows = `Allocation.uniform` over all "
         "compressible layers (low-rank: the default factorization per layer kind, depthwise "
         "layers stay dense; L+S: half of each layer's level to the sparse residual, "
-        "depthwise layers sparse). `unreach.` = the allocator cannot reach the budget; `—` = not run (the run stopped at the deadline; rerunning the command fills it in).",
+        "depthwise layers sparse). `unreach.` = the allocator cannot reach the budget; `—` = "
+        "not run (the run stopped at the deadline; rerunning the command fills it in).",
         "",
     ]
     cmds: set[str] = set()
@@ -479,7 +479,10 @@ def report() -> Path:
                     body.append([label, *cells])
             parts += [f"**{title}**", "", _common.table(head, body), ""]
         parts += ["**Where L+S beats sparse alone once both are fitted** (KL-chosen top-1; "
-                  "sparse = the best of the data-fitted sparse rows at that budget). Note the allocations differ: L+S is uniform per layer, the sparse rows are globally allocated, so this compares the two recipes as a user gets them, not the methods at equal per-layer budgets:", ""]
+                  "sparse = the best of the data-fitted sparse rows at that budget). Note the "
+                  "allocations differ: L+S is uniform per layer, the sparse rows are globally "
+                  "allocated, so this compares the two recipes as a user gets them, not the "
+                  "methods at equal per-layer budgets:", ""]
         parts += _lps_statements(res, budgets) + [""]
         flags = _flags(res, budgets)
         if flags:
@@ -504,7 +507,7 @@ def report() -> Path:
                     f"{d['recal']['calib_kl']:.4f}", d["choice"],
                     f"{d['stats_s']:.1f}" if "stats_s" in d else "",
                     f"{d['apply_s']:.1f}", f"{d['apply_per_layer_s']:.2f}",
-                    f"{d['asis']['eval_s'] + (d['recal'].get('eval_s', 0) if 'note' not in d['recal'] else 0):.0f}",
+                    f"{d['asis']['eval_s'] + _recal_eval_s(d):.0f}",
                     f"{d.get('row_s', 0):.0f}"])
         parts += [_common.table(dh, body, "ll" + "r" * (len(dh) - 2)), "", "</details>", ""]
         parts += _timing_lines(res, budgets) + [""]
@@ -517,7 +520,7 @@ def report() -> Path:
         f"- Machine: {_common.machine()}",
         f"- Report written {_common.now()}; autohybrid sources of the report step: sha256 "
         f"{_common.library_fingerprint()} (each row's own fingerprint is in its JSON: "
-        f"{', '.join(sorted({d.get('library', '?') for r in allres.values() for bb in r.values() for d in bb.values()}))})",
+        f"{', '.join(sorted(_libraries(allres)))})",
     ]
     atomic_write_text(RESULTS, "\n".join(parts).rstrip() + "\n")
     return RESULTS
@@ -570,9 +573,19 @@ def _flags(res: dict, budgets: list[float]) -> list[str]:
     return out
 
 
+def _recal_eval_s(d: dict) -> float:
+    return d["recal"].get("eval_s", 0) if "note" not in d["recal"] else 0
+
+
+def _libraries(allres: dict) -> set[str]:
+    return {d.get("library", "?") for r in allres.values() for bb in r.values()
+            for d in bb.values()}
+
+
 def _timing_lines(res: dict, budgets: list[float]) -> list[str]:
     def avg(name, field):
-        v = [res[b][name][field] for b in budgets if _ok(res[b].get(name)) and field in res[b][name]]
+        v = [res[b][name][field] for b in budgets
+             if _ok(res[b].get(name)) and field in res[b][name]]
         return (sum(v) / len(v), len(v)) if v else (None, 0)
 
     lines = ["**Timings** (one core, averaged over the budgets that ran): "]
