@@ -20,7 +20,6 @@ import copy
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 from torch.nn.utils import prune
 
 from autohybrid.allocation import search_level
@@ -139,5 +138,4 @@ def torch_global_magnitude(setup) -> tuple[dict[str, LayerSpec] | None, str]:
     while lo < hi:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
-    with torch.no_grad():
-        return specs(lo), f"{lo} of {total} weights pruned"
+    return specs(lo), f"{lo} of {total} weights pruned"

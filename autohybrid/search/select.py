@@ -384,13 +384,13 @@ class Selection:
         self.by_number = {t.number: t for t in pool}
         self.device = resolve_device(self.cfg.device)
         # a checkpoint every quarter of the first rung: a kill loses little of any rung
-        self.ft = recipe(setup, max(lad.full, 1),
-                         save_every=max(1, lad.steps[1] // 4) if lad.full else None)
+        self.ft = recipe(setup, lad.full, save_every=max(1, lad.steps[1] // 4)) \
+            if lad.full else None  # --finetune-budget 0: nothing is fine-tuned
         self.val = Validation.of(setup)
         self.teacher = setup.model if self.device.type == "cpu" else \
             copy.deepcopy(setup.model).to(self.device)
         self.stage = SelectionStudy(setup.storage, setup.study_name, pool, lad,
-                                    {"finetune": self.ft.to_dict() if lad.full else None,
+                                    {"finetune": self.ft and self.ft.to_dict(),
                                      "val": len(setup.splits.validation)})
         self.models: dict[int, torch.nn.Module] = {}
 
