@@ -30,6 +30,7 @@ from autohybrid.search.console import TrialProgress, print_front
 from autohybrid.search.objective import Evaluator
 from autohybrid.search.params import LEVELS, MIN_SCALE, ParamSpace, group_layers
 from autohybrid.search.select import (
+    SELECT_SUFFIX,
     Ladder,
     Selection,
     allocation_file,
@@ -226,6 +227,7 @@ def run_study(setup: SearchSetup) -> optuna.Study:
     with TrialProgress(cfg) as progress:
         ss.on_trial = progress.update
         ss.run()
+    ss.wait_for_others()  # every worker goes on with the same trials
     return ss.study
 
 
@@ -314,7 +316,9 @@ def run_selection(setup, study: optuna.Study) -> tuple[list[dict], Ladder]:
         return [search_row(t, cfg.quality) for t in pareto_front(trials, cfg.budget)], None
     write_allocations(study, pool, Path(cfg.out))
     if setup.ps.latency is not None:  # what is returned must measure within the budget
-        pool = within_measured(setup, pool)
+        stored = stored_pool(setup, study)  # another worker measured it first: its pool
+        pool = within_measured(setup, pool) if stored is None else \
+            [t for t in pool if t.number in stored]
     lad = ladder_of(cfg, len(pool), len(setup.splits.finetune))
     console.rule(f"select: {len(pool)} candidates, rungs at {list(lad.steps)} fine-tune "
                  f"steps (eta {lad.eta}, {lad.cost} steps in all), validation "
@@ -324,6 +328,15 @@ def run_selection(setup, study: optuna.Study) -> tuple[list[dict], Ladder]:
     sel.export_winner(winner)
     return sel.rows(), lad
 
+
+
+def stored_pool(setup, study: optuna.Study) -> list[int] | None:
+    """The pool the selection stage of ``study`` already holds (a worker that got there
+    first, or an interrupted run), None when the stage has not started."""
+    name = setup.study_name + SELECT_SUFFIX
+    if name not in optuna.get_all_study_names(setup.storage):
+        return None
+    return optuna.load_study(study_name=name, storage=setup.storage).user_attrs.get("pool")
 
 
 def write_pareto(rows: list[dict], out: Path) -> None:

@@ -17,7 +17,15 @@ fine-tune steps, every decision made on a validation split held out from the tra
    candidate, its validation accuracy reported at each rung's step (``Trial.report``; the
    dashboard draws the ladder as learning curves), pruned by ``RungPruner`` through
    ``Trial.should_prune``. A killed stage rerun continues from what the study and the
-   fine-tune checkpoints hold and ends with the same winner and weights.
+   fine-tune checkpoints hold and ends with the same winner and weights;
+4. **several workers** share the stage (every ``autohybrid search`` on the same study enters
+   it once the search is done): each candidate's work at a rung is claimed in the study
+   (``SelectionStudy.claim``: a lease, refreshed while held, taken over once its holder is
+   dead), so no two workers fine-tune the same candidate, and a worker with nothing left to
+   take waits for the rung's last report before the rung is decided. Workers sharing ``--out``
+   continue each other's fine-tunes from its checkpoints; a worker with its own ``--out``
+   prefers the candidates it holds checkpoints of, and one it takes over is fine-tuned from
+   step 0 to the rung (the same weights: the fine-tune is seeded and deterministic).
 
 Why not Optuna's ``SuccessiveHalvingPruner``: it is asynchronous (ASHA): a trial reaching a
 rung is promoted when it is in the top 1/eta of the values reported there *so far*, so the
@@ -30,8 +38,13 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import socket
+import threading
+import time
 import warnings
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +53,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from autohybrid.exceptions import ConfigError
+from autohybrid.io import pid_alive
 from autohybrid.methods import HYBRID, METHODS
 from autohybrid.search.study import trial_layers, within_budget
 
@@ -51,6 +65,7 @@ __all__ = ["allocation_file", "Ladder", "RungPruner", "Selection", "SelectionStu
 SELECT_SUFFIX = ":select"
 FAMILIES = ("sparse", "low-rank", "low-rank + sparse")
 NEAR = 0.8  # "near the budget": at least this fraction of it
+POLL_S = 1.0  # how often a worker with nothing to take looks at the study again
 
 
 # -- the pool -------------------------------------------------------------------------------
@@ -225,22 +240,30 @@ class SelectionStudy:
 
     def __init__(self, storage, study_name: str, pool: list[FrozenTrial], lad: Ladder,
                  meta: dict):
+        from autohybrid.storage import GRACE_S
+
         self.storage, self.ladder, self._ids = storage, lad, {}
         name = study_name + SELECT_SUFFIX
-        self.study = optuna.create_study(storage=storage, study_name=name,
-                                         direction="maximize", pruner=RungPruner(lad),
-                                         load_if_exists=True)
+        try:
+            self.study = optuna.create_study(storage=storage, study_name=name,
+                                             direction="maximize", pruner=RungPruner(lad))
+        except optuna.exceptions.DuplicatedStudyError:  # a rerun, or another worker's stage
+            self.study = optuna.load_study(study_name=name, storage=storage,
+                                           pruner=RungPruner(lad))
+            deadline = time.time() + GRACE_S  # the worker that created it fills it in
+            while not self.study.user_attrs.get("ready") and time.time() < deadline:
+                time.sleep(POLL_S)
         want = {"pool": [t.number for t in pool], "ladder": lad.to_dict(), **meta}
         have = {k: self.study.user_attrs.get(k) for k in want}
-        if all(v is None for v in have.values()):
-            for k, v in want.items():
-                self.study.set_user_attr(k, v)
-        elif have != want:
-            differ = sorted(k for k in want if have[k] != want[k])
+        differ = sorted(k for k in want if have[k] is not None and have[k] != want[k])
+        if differ:
             raise ConfigError(
                 f"the selection study {name!r} in this storage was run with another "
                 f"{', '.join(differ)}; use a new --out (or --study-name), or rerun with the "
                 "settings it was started with")
+        for k, v in want.items():
+            if have[k] is None:
+                self.study.set_user_attr(k, v)
         self.numbers = {c: t.number for c, t in self.trials().items()}
         for t in pool:
             if t.number not in self.numbers:
@@ -249,6 +272,7 @@ class SelectionStudy:
                     trial = self.study.ask()
                 trial.set_user_attr("candidate", t.number)
                 self.numbers[t.number] = trial.number
+        self.study.set_user_attr("ready", True)
 
     def trials(self) -> dict[int, FrozenTrial]:
         """candidate -> its stage trial as stored now."""
@@ -281,13 +305,66 @@ class SelectionStudy:
             if self.trial(c).state != TrialState.RUNNING:
                 continue
             if optuna.Trial(self.study, self._tid(c)).should_prune():
-                self.study.tell(self.numbers[c], state=TrialState.PRUNED)
+                try:
+                    self.study.tell(self.numbers[c], state=TrialState.PRUNED)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue  # another worker decided the rung at the same time
                 pruned.append(c)
         return pruned
 
     def finish(self, candidate: int, value: float) -> None:
         if self.trial(candidate).state == TrialState.RUNNING:
-            self.study.tell(self.numbers[candidate], value)
+            try:
+                self.study.tell(self.numbers[candidate], value)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # another worker told it first
+
+    # -- claims: which worker does a candidate's work at a rung -----------------------------
+    def claim(self, candidate: int, what) -> bool:
+        """Take ``candidate``'s work ``what`` (a rung's step, or ``"export"``) for this
+        process: True when it is ours now; False while a live worker holds it. A holder is
+        dead when its process is gone (same host) or its lease has not been refreshed for
+        ``GRACE_S`` seconds (``holding`` refreshes it). The claim is written, then read back:
+        of two workers taking a free claim at once, the one whose write landed first reads
+        the other's and gives way, unless it read back before the other wrote (a window of
+        one storage round trip); then both do the same seeded, deterministic work, and the
+        second report of the value is ignored (``Trial.report``)."""
+        from autohybrid.storage import GRACE_S
+
+        key, me = f"claim_{what}", _worker()
+        held = self.trial(candidate).user_attrs.get(key)
+        if held and held["worker"] != me["worker"]:
+            here = held["host"] == me["host"]
+            alive = pid_alive(held["pid"]) if here else time.time() - held["time"] < GRACE_S
+            if alive:
+                return False
+        self.set_attr(candidate, key, me)
+        held = self.trial(candidate).user_attrs.get(key)
+        return bool(held) and held["worker"] == me["worker"]
+
+    @contextmanager
+    def holding(self, candidate: int, what):
+        """While the block runs, the claim's lease is refreshed every ``HEARTBEAT_S`` s; after
+        it (done or failed) the claim is released."""
+        from autohybrid.storage import HEARTBEAT_S
+
+        stop = threading.Event()
+
+        def refresh():
+            while not stop.wait(HEARTBEAT_S):
+                try:
+                    self.set_attr(candidate, f"claim_{what}", _worker())
+                except Exception:  # noqa: BLE001 - a missed refresh only risks a takeover
+                    pass
+
+        thread = threading.Thread(target=refresh, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.set_attr(candidate, f"claim_{what}", None)
 
     def _tid(self, candidate: int) -> int:
         from autohybrid.search.study import trial_id
@@ -455,16 +532,7 @@ class Selection:
             entering = stage.live()
             console.print(f"rung {k} of {len(lad.steps) - 1}: {len(entering)} candidate(s), "
                           f"{step} fine-tune step(s) each")
-            for c in entering:
-                if stage.reported(c, step):
-                    continue
-                small = self.tune(c, step)
-                if k == 0 and "test_top1_before" not in stage.trial(c).user_attrs:
-                    stage.set_attr(c, "test_top1_before", self.test_top1(small))
-                value = self.val_top1(small)
-                stage.report(c, step, value)
-                console.print(f"  trial {c}: validation top-1 {value:.2f} % after {step} "
-                              "step(s)")
+            self.rung(entering, step, first=k == 0)
             if lad.keep(k) is not None:
                 pruned = stage.decide(entering)
                 for c in pruned:
@@ -475,18 +543,63 @@ class Selection:
         (winner,) = stage.live()
         return winner
 
+    def rung(self, entering: list[int], step: int, first: bool) -> None:
+        """Until every candidate of ``entering`` reported its validation top-1 at ``step``:
+        claim one no other live worker holds and do it, or wait for the others."""
+        from autohybrid.progress import console
+
+        stage, waiting = self.stage, False
+        while todo := [c for c in entering if not stage.reported(c, step)]:
+            c = next((c for c in self.prefer(todo) if stage.claim(c, step)), None)
+            if c is None:
+                if not waiting:
+                    console.print(f"  waiting for other workers: trial(s) {_list(todo)}")
+                waiting = True
+                time.sleep(POLL_S)
+                continue
+            waiting = False
+            with stage.holding(c, step):
+                if stage.reported(c, step):  # its former holder finished it meanwhile
+                    continue
+                small = self.tune(c, step)
+                if first and "test_top1_before" not in stage.trial(c).user_attrs:
+                    stage.set_attr(c, "test_top1_before", self.test_top1(small))
+                value = self.val_top1(small)
+                stage.report(c, step, value)
+            console.print(f"  trial {c}: validation top-1 {value:.2f} % after {step} "
+                          "step(s)")
+
+    def prefer(self, todo: list[int]) -> list[int]:
+        """``todo`` with the candidates this worker holds a fine-tune checkpoint of first:
+        the worker that ran a candidate's last rung continues it."""
+        from autohybrid.finetune import CHECKPOINT_NAME
+
+        mine = [c for c in todo if (checkpoint_dir(self.out, c) / CHECKPOINT_NAME).is_file()]
+        return mine + [c for c in todo if c not in mine]
+
     def export_winner(self, winner: int) -> None:
+        """The winner fine-tuned to the end, its test top-1, and its model in ``models/``
+        (done once: other workers wait for it, then export to their own ``--out`` only when
+        it is not the same folder)."""
         from autohybrid.export import export
 
-        t = self.stage.trial(winner)
+        stage = self.stage
         path = self.out / "models" / f"trial-{winner:04d}"
-        if "test_top1_after" not in t.user_attrs or not path.is_dir():
-            small = self.tune(winner, self.ladder.full)
-            top1 = self.test_top1(small)
-            export(small.cpu(), self.deploy_alloc(winner), path)
-            self.stage.set_attr(winner, "test_top1_after", top1)
-            self.stage.set_attr(winner, "model", f"models/trial-{winner:04d}")
-        self.stage.finish(winner, t.intermediate_values[self.ladder.full])
+        while True:
+            t = stage.trial(winner)
+            if "test_top1_after" in t.user_attrs and path.is_dir():
+                break
+            if not stage.claim(winner, "export"):
+                time.sleep(POLL_S)
+                continue
+            with stage.holding(winner, "export"):
+                small = self.tune(winner, self.ladder.full)
+                top1 = self.test_top1(small)
+                export(small.cpu(), self.deploy_alloc(winner), path)
+                stage.set_attr(winner, "test_top1_after", top1)
+                stage.set_attr(winner, "model", f"models/trial-{winner:04d}")
+            break
+        stage.finish(winner, stage.trial(winner).intermediate_values[self.ladder.full])
 
     def rows(self) -> list[dict]:
         """A row per candidate: the search's scores, validation top-1 at every rung reached,
@@ -515,6 +628,12 @@ def search_row(t: FrozenTrial, quality: str) -> dict:
             "params_fraction": t.user_attrs["params_fraction"],
             "macs_fraction": t.user_attrs["macs_fraction"], "family": family(t),
             "origin": _origin(t), "allocation": allocation_file(t.number)}
+
+
+def _worker() -> dict:
+    """This process as the holder of a claim: host, pid, and the time of the claim."""
+    host, pid = socket.gethostname(), os.getpid()
+    return {"worker": f"{host}:{pid}", "host": host, "pid": pid, "time": time.time()}
 
 
 def _list(cs: list[int]) -> str:

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import threading
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -502,6 +503,28 @@ class SearchStudy:
                 finally:
                     heartbeat.beat(None)
         return self.study
+
+    def wait_for_others(self, poll: float = 1.0) -> None:
+        """After ``run``: wait until no trial of the study is RUNNING (other workers' last
+        trials), so that every worker hands the same trials to the next stage. Trials of dead
+        workers are failed meanwhile as in ``run`` (``recover`` for this host; the heartbeat
+        for RDB storages)."""
+        from autohybrid.progress import console
+
+        shown = False
+        while running := self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            self.recover()
+            if isinstance(self.storage, optuna.storages.RDBStorage):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    optuna.storages.fail_stale_trials(self.study)
+            if not shown:
+                who = sorted({f"{t.user_attrs.get('host')}:{t.user_attrs.get('pid')}"
+                              for t in running})
+                console.print(f"waiting for {len(running)} trial(s) other workers are scoring "
+                              f"({', '.join(who)})")
+                shown = True
+            time.sleep(poll)
 
     def stop(self) -> None:
         """End ``run`` after the trial in progress (as ``Study.stop`` ends ``optimize``)."""

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from contextlib import closing
 from pathlib import Path
 
@@ -285,6 +286,41 @@ def test_killed_in_a_rung_resumes_to_the_same_winner_and_weights(runs):
             assert v.dtype == ref_weights[k].dtype and torch.equal(v, ref_weights[k]), k
     for a, b in zip(front.allocation, ref_front.allocation):
         assert _layers(out / a) == _layers(ref / b)
+
+
+def test_two_workers_share_the_selection_stage(runs, tmp_path):
+    """Two ``autohybrid search`` processes on one study whose search is done, started at
+    once on the same ``--out``: they split the rungs' work by claims (no candidate's rung is
+    done twice), wait for each other at each rung, and end with the one-worker run's
+    candidates, values, winner and weights, bit for bit."""
+    import shutil
+
+    d, ref = runs["d"], runs["ref"]
+    out = tmp_path / "shared"
+    shutil.copytree(ref, out, ignore=shutil.ignore_patterns("select", "models", "pareto.*"))
+    optuna.delete_study(study_name=STUDY + ":select", storage=f"sqlite:///{out / 'study.db'}")
+    workers = [Run(_search(d, out), tmp_path / f"worker-{i}.log") for i in range(2)]
+    logs = [w.finish() for w in workers]
+    done = [re.findall(r"trial (\d+): validation top-1 [\d.]+ % after (\d+) step", log)
+            for log in logs]
+    every = done[0] + done[1]
+    assert len(every) == len(set(every)), done  # no candidate's rung was done twice
+    # ... and every one was done: as many as the one-worker run reported at each step
+    ref_stage = optuna.load_study(study_name=STUDY + ":select",
+                                  storage=f"sqlite:///{ref / 'study.db'}").trials
+    assert Counter(int(s) for _, s in every) == Counter(
+        s for t in ref_stage for s in t.intermediate_values)
+    front, ref_front = pd.read_csv(out / "pareto.csv"), pd.read_csv(ref / "pareto.csv")
+    pd.testing.assert_frame_equal(front, ref_front)
+    (model,) = front.model.dropna()
+    weights, ref_weights = load_file(out / model / WEIGHTS), load_file(ref / model / WEIGHTS)
+    assert weights.keys() == ref_weights.keys()
+    for k, v in weights.items():
+        assert torch.equal(v, ref_weights[k]), k
+    claims = [k for t in optuna.load_study(study_name=STUDY + ":select",
+                                           storage=f"sqlite:///{out / 'study.db'}").trials
+              for k, v in t.user_attrs.items() if k.startswith("claim_") and v is not None]
+    assert claims == []  # every claim released
 
 
 def _layers(path: Path) -> dict:
