@@ -55,7 +55,7 @@ def group_layers(
     share = max_groups / len(layers)
     for (kind, meths), members in by_kind.items():
         k = max(1, min(len(members), round(share * len(members))))
-        feats = np.array([_profile(table, la) for la in members])
+        feats = _profiles(table, members, meths)
         labels = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(feats) \
             if k > 1 else np.zeros(len(members), dtype=int)
         for c in range(k):
@@ -71,11 +71,46 @@ def _methods(space: SearchSpace, layer: LayerInfo) -> tuple[str, ...]:
     return ("dense", *[m for m in space.methods.get(layer.kind, []) if m in names])
 
 
+PROFILE_AT = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)  # kept fractions of a layer's parameters
+
+
+def _profiles(table: pd.DataFrame, members: list[LayerInfo], methods) -> np.ndarray:
+    """One row of features per layer: the log KL of its candidates (table order) and its
+    size. Where the layers' candidate lists differ in length (a rank or level that is the
+    same spec as another for a small layer appears once), each method's log KL is
+    interpolated at ``PROFILE_AT`` instead, so every row has the same features."""
+    raw = [_profile(table, la) for la in members]
+    if len({len(r) for r in raw}) == 1:
+        return np.array(raw)
+    return np.array([_profile_at(table, la, methods) for la in members])
+
+
 def _profile(table: pd.DataFrame, layer: LayerInfo) -> np.ndarray:
     """log KL of the layer's candidates (table order), plus its size."""
     rows = table[table.layer == layer.name]
     return np.concatenate([np.log10(rows.kl.to_numpy(float) + 1e-6),
                            [np.log10(layer.params + 1)]])
+
+
+def _profile_at(table: pd.DataFrame, layer: LayerInfo, methods) -> np.ndarray:
+    """Per method of ``methods`` (dense aside), log KL at the kept fractions ``PROFILE_AT``,
+    linear in the fraction between the table's candidates (flat beyond them); a method the
+    table has no candidate of for this layer counts as its worst log KL; then the size."""
+    rows = table[table.layer == layer.name]
+    log_kl = np.log10(rows.kl.to_numpy(float) + 1e-6)
+    worst = log_kl.max() if len(log_kl) else 0.0
+    feats = []
+    for m in methods:
+        if m == "dense":
+            continue
+        mine = (rows.method == m).to_numpy()
+        if not mine.any():
+            feats += [worst] * len(PROFILE_AT)
+            continue
+        keep = rows.params.to_numpy(float)[mine] / max(layer.params, 1)
+        order = np.argsort(keep)
+        feats += list(np.interp(PROFILE_AT, keep[order], log_kl[mine][order]))
+    return np.array([*feats, np.log10(layer.params + 1)])
 
 
 class ParamSpace:

@@ -307,3 +307,19 @@ def test_a_study_with_no_trial_within_the_budget_is_a_budget_error(tmp_path, mon
                                           "0.7 of latency.*--latency-margin"):
         run_mod.run_search(cfg)
     assert not (tmp_path / "out" / "pareto.csv").exists()
+
+
+def test_layers_are_grouped_when_their_candidate_lists_differ_in_length(parts):
+    """A small layer has fewer distinct candidates than a large one of the same kind (ranks
+    that round to the same spec appear once): grouping still works, on profiles of the same
+    length."""
+    _, inv, _, _, table = parts
+    df = table.df
+    dropped = df[df.layer == "layer3.0.conv1"].index[-1]  # one candidate fewer for this layer
+    short = df.drop(index=dropped)
+    groups = group_layers(SPACE, inv, short, 3, 0)
+    names = sorted(n for g in groups for n in g.layers)
+    assert names == sorted(la.name for la in SPACE.compressible(inv))
+    assert len(groups) == 3 and all(g.kind == "conv" for g in groups)
+    # the same table with every list whole groups the layers on the table's own profiles
+    assert len(group_layers(SPACE, inv, df, 3, 0)) == 3
