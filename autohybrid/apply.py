@@ -22,7 +22,9 @@ from autohybrid.methods.base import build
 from autohybrid.progress import bar
 from autohybrid.stats import layer_rows, moment
 
-__all__ = ["apply", "skeleton", "model_inventory", "fit_settings"]
+__all__ = ["apply", "skeleton", "model_inventory", "fit_settings", "DenseInputs"]
+
+DENSE_CACHE_BYTES = 2 << 30  # what DenseInputs may keep of the dense model's layer inputs
 
 
 def model_inventory(model: nn.Module, alloc: Allocation) -> Inventory:
@@ -72,16 +74,55 @@ def _capture(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     return got[0]
 
 
+class DenseInputs:
+    """The dense model's input to each of ``names``, per batch of ``images``, captured by one
+    full forward pass per batch and kept, in forward order, while they fit in ``max_bytes``:
+    the sequential fit then runs only the compressed model's cut forwards (half the passes),
+    for every candidate fitted on the same images. A layer not kept is captured by a cut
+    forward as before; either way the tensors are the same."""
+
+    @torch.no_grad()
+    def __init__(self, model: nn.Module, names, images: torch.Tensor, batch_size: int = 64,
+                 max_bytes: int = DENSE_CACHE_BYTES):
+        self.images, self.batch_size = images, batch_size
+        self.kept: dict[str, list[torch.Tensor]] = {}
+        wanted, got = set(names), {}
+        hooks = [model.get_submodule(n).register_forward_pre_hook(
+            lambda mod, args, n=n: got.setdefault(n, args[0].clone())) for n in wanted]
+        training = model.training
+        model.eval()
+        used = 0
+        try:
+            for xb in images.split(batch_size):
+                got.clear()
+                model(xb)
+                for n, x in got.items():  # first-call order: forward order
+                    if n in self.kept or used + x.nbytes * len(images) / len(xb) <= max_bytes:
+                        self.kept.setdefault(n, []).append(x)
+                        used += x.nbytes
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(training)
+        self.nbytes = used
+
+    def get(self, name: str, b: int) -> torch.Tensor | None:
+        batches = self.kept.get(name)
+        return batches[b] if batches is not None else None
+
+
 @torch.no_grad()
 def sequential_moments(
     dense: nn.Module, small: nn.Module, layer: LayerInfo, images: torch.Tensor,
-    batch_size: int = 64,
+    batch_size: int = 64, dense_inputs: DenseInputs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(H̃, C): ``X̃^T X̃`` and ``X̃^T X`` at ``layer`` over ``images``, ``X̃`` its inputs in
-    ``small`` (compressed so far), ``X`` in ``dense``. Both models must be in eval mode."""
+    ``small`` (compressed so far), ``X`` in ``dense`` (from ``dense_inputs`` when it holds
+    them). Both models must be in eval mode."""
     h = cross = None
-    for xb in images.split(batch_size):
-        rd = layer_rows(layer, _capture(dense, layer.name, xb))
+    for b, xb in enumerate(images.split(batch_size)):
+        xd = dense_inputs.get(layer.name, b) if dense_inputs is not None else None
+        rd = layer_rows(layer, xd if xd is not None else _capture(dense, layer.name, xb))
         rs = layer_rows(layer, _capture(small, layer.name, xb))
         hb, cb = moment(rs), moment(rs, rd)
         h, cross = (hb, cb) if h is None else (h + hb, cross + cb)
@@ -97,6 +138,7 @@ def apply(
     calibration: torch.Tensor | None = None,
     stats=None,
     batch_size: int = 64,
+    dense_inputs: DenseInputs | None = None,
 ) -> nn.Module:
     """Return a compressed copy of ``model``; ``model`` itself is left untouched.
 
@@ -110,6 +152,9 @@ def apply(
         stats: ``autohybrid.stats.LayerStats`` of the dense model on ``calibration``, for
             the independent fit (collected when needed and not given).
         batch_size: calibration batch size of the fitting passes.
+        dense_inputs: ``DenseInputs`` of ``model`` on ``calibration`` at ``batch_size``, for
+            the sequential fit (computed here when not given; give one to share it between
+            several allocations fitted on the same images).
 
     The allocation is validated against the model's inventory first. The relative error of
     every compressed layer (output error on the calibration rows for data fits, weight error
@@ -134,6 +179,10 @@ def apply(
         from autohybrid.stats import collect_stats
 
         stats = collect_stats(model, inv, wants_data, calibration, batch_size, progress=False)
+    if wants_data and calibration is not None and settings["sequential"]:
+        if dense_inputs is None or dense_inputs.images is not calibration \
+                or dense_inputs.batch_size != batch_size:
+            dense_inputs = DenseInputs(model, wants_data, calibration, batch_size)
     modes = [(m, m.training) for m in (model, small)]
     try:
         for m, _ in modes:
@@ -146,7 +195,8 @@ def apply(
             problem = None
             if spec.fit == "data" and calibration is not None:
                 if settings["sequential"]:
-                    h, cross = sequential_moments(model, small, layer, calibration, batch_size)
+                    h, cross = sequential_moments(model, small, layer, calibration, batch_size,
+                                                  dense_inputs)
                     problem = sequential_problem(weight, h, cross, settings["damp"],
                                                  settings["saliency"])
                 else:

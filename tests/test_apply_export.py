@@ -275,3 +275,37 @@ def test_load_refuses_a_file_holding_nan(compressed, tmp_path):
     save_file(tensors, str(bad / "model.safetensors"))
     with pytest.raises(CheckpointError, match=f"NaN or inf values in 1 tensor.*{name}"):
         ah.load(bad)
+
+
+@pytest.mark.parametrize("max_bytes", [2 << 30, 700_000])  # every layer kept / only the first
+def test_sequential_fit_from_kept_dense_inputs_is_bit_identical(max_bytes):
+    """The sequential fit with the dense model's layer inputs kept (``DenseInputs``: one full
+    pass per batch instead of a cut forward per layer) builds the same weights, bit for bit,
+    as with a cut forward of the dense model at every layer; so does a cache that kept only
+    the layers that fit in its memory bound."""
+    from dataclasses import replace
+
+    from autohybrid.apply import DenseInputs
+    from autohybrid.methods import spec_at
+    from autohybrid.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cifar_resnet20").eval()
+    inv = ah.inventory(model, (3, 16, 16))
+    x = torch.randn(40, 3, 16, 16)
+    names = [la.name for la in inv if la.name.startswith(("layer1.", "layer2.0"))]
+    specs = {n: replace(spec_at(inv[n], HYBRID if i % 2 else "sparse", 0.3,
+                                factorization="tucker2"), fit="data")
+             for i, n in enumerate(names)}
+    alloc = ah.Allocation.for_inventory(inv, specs)
+    kept = DenseInputs(model, names, x, batch_size=16, max_bytes=max_bytes)
+    assert 0 < len(kept.kept) <= len(names)
+    assert (len(kept.kept) == len(names)) == (max_bytes > 1 << 20)
+    assert all(len(batches) == 3 for batches in kept.kept.values())  # 40 images by 16
+    none = DenseInputs(model, [], x, batch_size=16)  # keeps nothing: every input cut anew
+    a = ah.apply(model, alloc, inv=inv, calibration=x, batch_size=16, dense_inputs=none)
+    b = ah.apply(model, alloc, inv=inv, calibration=x, batch_size=16, dense_inputs=kept)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -97,6 +97,9 @@ class SearchSetup:
     warm: dict
     storage: optuna.storages.BaseStorage
     study_name: str
+    # the dense model's layer inputs on the calibration images, shared by every candidate's
+    # sequential fit (``apply.DenseInputs``; made by the first ``select.fit_candidate``)
+    dense_inputs: object = field(default=None, repr=False)
 
     @property
     def test(self):

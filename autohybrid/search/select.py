@@ -433,12 +433,17 @@ def fit_candidate(setup, alloc, val: Validation) -> tuple[torch.nn.Module, dict]
     calibration images (when the search fits to data), BatchNorm recalibration on or off
     chosen on the validation images. Returns the model and its validation scores
     (``bn_recal``: which)."""
-    from autohybrid.apply import apply
+    from autohybrid.apply import DenseInputs, apply, fit_settings
     from autohybrid.search.objective import score_with_bn_choice
 
     ev = setup.evaluator
-    small = apply(setup.model, alloc, inv=setup.inv, progress=False,
-                  calibration=ev.images if ev.fits_data else None)
+    calibration = ev.images if ev.fits_data else None
+    if calibration is not None and setup.dense_inputs is None \
+            and fit_settings(alloc)["sequential"]:
+        searched = [la.name for la in setup.ps.space.compressible(setup.inv)]
+        setup.dense_inputs = DenseInputs(setup.model, searched, calibration)
+    small = apply(setup.model, alloc, inv=setup.inv, progress=False, calibration=calibration,
+                  dense_inputs=setup.dense_inputs)
     chosen = score_with_bn_choice(small, val.images, val.labels, val.reference, ev.bn_recal,
                                   ev.recal_images, ev.batch_size, setup.cfg.quality,
                                   recal_with=ev.images)
