@@ -12,7 +12,9 @@ as ``pareto.csv`` has it (``test_top1_before``).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/datafit_search.py --models cifar_resnet20
 
-Finished cells are stored under ``benchmarks/results/datafit_search/`` and skipped on a rerun.
+Finished cells are stored under ``benchmarks/results/datafit_search/`` and skipped on a rerun;
+each cell's study and outputs under ``benchmarks/out/datafit_search/<model>/<family>/params-<b>/``
+(cells run side by side do not share files but the model's sensitivity table).
 """
 
 from __future__ import annotations
@@ -78,7 +80,14 @@ def run_cell(model: str, family: str, budget: float, s: Settings) -> dict:
         if stored.get("settings") == key:
             return stored
     ckpt, size = MODELS[model]
-    out = OUT / model / family
+    out = OUT / model / family / f"params-{budget:g}"
+    # one sensitivity table per model and family, shared by its budgets (and by cells run
+    # side by side once it exists: start one cell of a model first)
+    shared = OUT / model / family / "sensitivity"
+    shared.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "sensitivity").exists():
+        (out / "sensitivity").symlink_to(shared, target_is_directory=True)
     cfg = SearchConfig(model=model, checkpoint=str(ckpt), input_size=size, data=DATA,
                        budget=budget, calib=s.calib, trials=s.trials, seed=s.seed,
                        candidates=s.candidates, val=s.val, finetune_budget=0,
