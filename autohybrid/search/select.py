@@ -15,8 +15,9 @@ fine-tune steps, every decision made on a validation split held out from the tra
    are those of an uninterrupted full fine-tune;
 3. the stage is an Optuna study in the search's storage (``<study>:select``): one trial per
    candidate, its validation accuracy reported at each rung's step (``Trial.report``; the
-   dashboard draws the ladder as learning curves), pruned by ``RungPruner`` through
-   ``Trial.should_prune``. A killed stage rerun continues from what the study and the
+   dashboard draws the ladder as learning curves), pruned by the study's pruner,
+   ``RungPruner`` (asked as ``Trial.should_prune`` asks it, about the trial at the rung
+   being decided). A killed stage rerun continues from what the study and the
    fine-tune checkpoints hold and ends with the same winner and weights;
 4. **several workers** share the stage (every ``autohybrid search`` on the same study enters
    it once the search is done): each candidate's work at a rung is claimed in the study
@@ -297,14 +298,19 @@ class SelectionStudy:
         """The candidate's validation accuracy after ``step`` fine-tune steps."""
         optuna.Trial(self.study, self._tid(candidate)).report(value, step)
 
-    def decide(self, candidates: list[int]) -> list[int]:
-        """Ask the pruner about each candidate of a finished rung; tell the pruned ones
-        PRUNED. Returns those pruned now."""
+    def decide(self, candidates: list[int], step: int) -> list[int]:
+        """Ask the pruner about each candidate of the rung at ``step``, once all of them
+        reported it; tell the pruned ones PRUNED. Returns those pruned now. A candidate
+        already decided by another worker (pruned, or kept and gone on to report a later
+        step) is left alone: the pruner is asked about the trial as read here, at this
+        rung's step (what ``Trial.should_prune`` does, on a snapshot that cannot move on to
+        the next rung in between)."""
         pruned = []
         for c in candidates:
-            if self.trial(c).state != TrialState.RUNNING:
+            t = self.trial(c)
+            if t.state != TrialState.RUNNING or t.last_step != step:
                 continue
-            if optuna.Trial(self.study, self._tid(c)).should_prune():
+            if self.study.pruner.prune(self.study, t):
                 try:
                     self.study.tell(self.numbers[c], state=TrialState.PRUNED)
                 except optuna.exceptions.UpdateFinishedTrialError:
@@ -539,7 +545,7 @@ class Selection:
                           f"{step} fine-tune step(s) each")
             self.rung(entering, step, first=k == 0)
             if lad.keep(k) is not None:
-                pruned = stage.decide(entering)
+                pruned = stage.decide(entering, step)
                 for c in pruned:
                     self.models.pop(c, None)
                 kept = [c for c in entering if c not in pruned]

@@ -136,6 +136,28 @@ def test_selection_study_refuses_a_stored_stage_of_another_pool(tmp_path) -> Non
         SelectionStudy(storage, "s", pool, lad, {"val": 200})
 
 
+def test_a_late_worker_deciding_a_rung_leaves_what_another_worker_decided(tmp_path) -> None:
+    """Two workers share the stage: one decided rung 0 and a survivor has already reported
+    rung 1 when the other, which waited on rung 0, decides rung 0 too. Its decision is the
+    same (nothing more pruned) and it does not judge the survivor at rung 1 before the rung
+    is complete (the pruner asked about the trial's latest step would refuse: 1 of 2)."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    pool = [_trial(i, 0.1, 0.2, "sparse") for i in range(4)]
+    lad = ladder(4, 2, 8)  # rungs at 0, 4, 8 steps: 4, 2, 1
+    first = SelectionStudy(storage, "s", pool, lad, {"val": 100})
+    late = SelectionStudy(storage, "s", pool, lad, {"val": 100})
+    for c, v in zip(range(4), [50.0, 70.0, 60.0, 40.0]):
+        first.report(c, 0, v)
+    assert sorted(first.decide([0, 1, 2, 3], 0)) == [0, 3]
+    first.report(1, lad.steps[1], 75.0)  # survivor 1 goes on; survivor 2 not yet
+    assert late.decide([0, 1, 2, 3], 0) == []
+    assert late.live() == [1, 2]
+    late.report(2, lad.steps[1], 65.0)
+    assert late.decide(late.live(), lad.steps[1]) == [2]
+    assert first.decide([1, 2], lad.steps[1]) == []  # decided already
+    assert late.live() == [1]
+
+
 # -- the pool -------------------------------------------------------------------------------
 def _trial(number: int, quality: float, cost: float, method: str, warm: str = "",
            budget: float = 0.2, same_as: int | None = None) -> optuna.trial.FrozenTrial:
