@@ -57,6 +57,7 @@ from autohybrid.exceptions import ConfigError
 from autohybrid.io import pid_alive
 from autohybrid.methods import HYBRID, METHODS
 from autohybrid.search.study import trial_layers, within_budget
+from autohybrid.storage import GRACE_S, HEARTBEAT_S
 
 __all__ = ["allocation_file", "Ladder", "RungPruner", "Selection", "SelectionStudy",
            "Validation", "candidate_pool", "family", "fit_candidate", "ladder",
@@ -241,8 +242,6 @@ class SelectionStudy:
 
     def __init__(self, storage, study_name: str, pool: list[FrozenTrial], lad: Ladder,
                  meta: dict):
-        from autohybrid.storage import GRACE_S
-
         self.storage, self.ladder, self._ids = storage, lad, {}
         name = study_name + SELECT_SUFFIX
         try:
@@ -335,8 +334,6 @@ class SelectionStudy:
         the other's and gives way, unless it read back before the other wrote (a window of
         one storage round trip); then both do the same seeded, deterministic work, and the
         second report of the value is ignored (``Trial.report``)."""
-        from autohybrid.storage import GRACE_S
-
         key, me = f"claim_{what}", _worker()
         held = self.trial(candidate).user_attrs.get(key)
         if held and held["worker"] != me["worker"]:
@@ -352,8 +349,6 @@ class SelectionStudy:
     def holding(self, candidate: int, what):
         """While the block runs, the claim's lease is refreshed every ``HEARTBEAT_S`` s; after
         it (done or failed) the claim is released."""
-        from autohybrid.storage import HEARTBEAT_S
-
         stop = threading.Event()
 
         def refresh():
