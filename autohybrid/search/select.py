@@ -294,7 +294,9 @@ class SelectionStudy:
         self.storage.set_trial_user_attr(self._tid(candidate), key, value)
 
     def report(self, candidate: int, step: int, value: float) -> None:
-        """The candidate's validation accuracy after ``step`` fine-tune steps."""
+        """The candidate's validation accuracy after ``step`` fine-tune steps, and which
+        worker measured it (user attr ``worker_<step>``: host:pid)."""
+        self.set_attr(candidate, f"worker_{step}", _worker()["worker"])
         optuna.Trial(self.study, self._tid(candidate)).report(value, step)
 
     def decide(self, candidates: list[int], step: int) -> list[int]:
@@ -309,20 +311,27 @@ class SelectionStudy:
             t = self.trial(c)
             if t.state != TrialState.RUNNING or t.last_step != step:
                 continue
-            if self.study.pruner.prune(self.study, t):
-                try:
-                    self.study.tell(self.numbers[c], state=TrialState.PRUNED)
-                except optuna.exceptions.UpdateFinishedTrialError:
-                    continue  # another worker decided the rung at the same time
+            if self.study.pruner.prune(self.study, t) and \
+                    self._tell(c, state=TrialState.PRUNED):
                 pruned.append(c)
         return pruned
 
     def finish(self, candidate: int, value: float) -> None:
         if self.trial(candidate).state == TrialState.RUNNING:
-            try:
-                self.study.tell(self.numbers[candidate], value)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass  # another worker told it first
+            self._tell(candidate, values=value)
+
+    def _tell(self, candidate: int, **how) -> bool:
+        """``Study.tell`` the candidate's trial; False when another worker deciding the same
+        rung at the same time told it first (Optuna raises ``UpdateFinishedTrialError`` when
+        that happens inside the storage's update, ``ValueError`` when ``tell`` read the
+        trial already finished)."""
+        try:
+            self.study.tell(self.numbers[candidate], **how)
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError):
+            if self.trial(candidate).state == TrialState.RUNNING:
+                raise
+            return False
+        return True
 
     # -- claims: which worker does a candidate's work at a rung -----------------------------
     def claim(self, candidate: int, what) -> bool:
@@ -461,7 +470,7 @@ def test_top1(setup, small: torch.nn.Module, device=None) -> float:
 class Selection:
     """Successive halving over the pool of ``setup``'s study (``run_selection``)."""
 
-    def __init__(self, setup, study: optuna.Study, pool: list[FrozenTrial], lad: Ladder):
+    def __init__(self, setup, study: optuna.Study | None, pool: list[FrozenTrial], lad: Ladder):
         self.setup, self.cfg, self.ladder = setup, setup.cfg, lad
         self.out = Path(self.cfg.out)
         self.by_number = {t.number: t for t in pool}

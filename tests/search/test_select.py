@@ -158,6 +158,33 @@ def test_a_late_worker_deciding_a_rung_leaves_what_another_worker_decided(tmp_pa
     assert late.live() == [1]
 
 
+def test_two_workers_deciding_a_rung_at_the_same_moment_both_go_on(tmp_path) -> None:
+    """Both workers read the rung's trials as running, then one tells the pruned ones PRUNED
+    before the other does: the second finds them told (Optuna's ValueError 'Cannot tell a
+    PRUNED trial') and goes on with the same decision instead of failing the stage."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    pool = [_trial(i, 0.1, 0.2, "sparse") for i in range(4)]
+    lad = ladder(4, 2, 8)
+    first = SelectionStudy(storage, "s", pool, lad, {"val": 100})
+    late = SelectionStudy(storage, "s", pool, lad, {"val": 100})
+    for c, v in zip(range(4), [50.0, 70.0, 60.0, 40.0]):
+        first.report(c, 0, v)
+    stale = {c: late.trial(c) for c in range(4)}  # read before the other worker told them
+    read = SelectionStudy.trial
+
+    def trial(self, c):  # the first read of each candidate is the stale one
+        return stale.pop(c) if c in stale else read(self, c)
+
+    assert sorted(first.decide([0, 1, 2, 3], 0)) == [0, 3]
+    late.trial = trial.__get__(late)
+    assert late.decide([0, 1, 2, 3], 0) == []
+    assert late.live() == [1, 2]
+    first.finish(1, 75.0)
+    late.finish(1, 75.0)  # told already: nothing to do
+    assert [t.state for t in late.study.trials] == [TrialState.PRUNED, TrialState.COMPLETE,
+                                                    TrialState.RUNNING, TrialState.PRUNED]
+
+
 # -- the pool -------------------------------------------------------------------------------
 def _trial(number: int, quality: float, cost: float, method: str, warm: str = "",
            budget: float = 0.2, same_as: int | None = None) -> optuna.trial.FrozenTrial:
