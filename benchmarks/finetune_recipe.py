@@ -68,7 +68,7 @@ RECIPES = {
     "D": dict(optimizer="adamw", lr=3e-4, alpha=1.0, bn="train"),
 }
 LABELS = {
-    "A": "A: adamw 3e-4, α 0.7, bn train (old default)",
+    "A": "A: adamw 3e-4, α 0.7, bn train (the search's default)",
     "B": "B: adamw 1e-4, α 1.0, bn frozen",
     "C": "C: sgd 0.01 nesterov, α 1.0, bn frozen",
     "D": "D: adamw 3e-4, α 1.0, bn train",
@@ -257,7 +257,7 @@ R20, MNV3, VIT, R56, EFF = MODELS
 COMP = "comp"  # the compressed ResNet-20 start, in PRIORITY
 # The order rows run in. Measured at ~1.1 s a step on this shared machine (~14 min a row), a
 # two-hour box holds about eight rows, so the queue is by priority, not model by model:
-# the candidate defaults (B, C) on the cheapest checkpoints first, the old default A on
+# the candidate defaults (B, C) on the cheapest checkpoints first, the default A on
 # ResNet-20 for contrast, the repair check with the candidate and the old recipe, then the
 # rest (D, which only separates alpha from the BatchNorm / lr change, comes after B and C
 # everywhere).
