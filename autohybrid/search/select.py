@@ -68,6 +68,7 @@ SELECT_SUFFIX = ":select"
 FAMILIES = ("sparse", "low-rank", "low-rank + sparse")
 NEAR = 0.8  # "near the budget": at least this fraction of it
 POLL_S = 1.0  # how often a worker with nothing to take looks at the study again
+SETTLE_S = 0.5  # a claim is read back this long after it is written (``claim``)
 
 
 # -- the pool -------------------------------------------------------------------------------
@@ -290,14 +291,30 @@ class SelectionStudy:
     def reported(self, candidate: int, step: int) -> bool:
         return step in self.trial(candidate).intermediate_values
 
-    def set_attr(self, candidate: int, key: str, value) -> None:
-        self.storage.set_trial_user_attr(self._tid(candidate), key, value)
+    def set_attr(self, candidate: int, key: str, value) -> bool:
+        """Set a user attr of the candidate's trial; False when the trial is finished (pruned
+        or complete: its attrs are final, and whatever this worker would add, the worker that
+        finished it has)."""
+        try:
+            self.storage.set_trial_user_attr(self._tid(candidate), key, value)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+        return True
 
     def report(self, candidate: int, step: int, value: float) -> None:
         """The candidate's validation accuracy after ``step`` fine-tune steps, and which
-        worker measured it (user attr ``worker_<step>``: host:pid)."""
-        self.set_attr(candidate, f"worker_{step}", _worker()["worker"])
-        optuna.Trial(self.study, self._tid(candidate)).report(value, step)
+        worker measured it (user attr ``worker_<step>``: host:pid). A second worker that did
+        the same work (two claims taken in one storage round trip, ``claim``) finds the value
+        there: the work is seeded, so it is the same value, and it is left as it is, even
+        when the trial has been finished meanwhile."""
+        if self.reported(candidate, step):
+            return
+        try:
+            self.set_attr(candidate, f"worker_{step}", _worker()["worker"])
+            optuna.Trial(self.study, self._tid(candidate)).report(value, step)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            if not self.reported(candidate, step):
+                raise
 
     def decide(self, candidates: list[int], step: int) -> list[int]:
         """Ask the pruner about each candidate of the rung at ``step``, once all of them
@@ -338,11 +355,13 @@ class SelectionStudy:
         """Take ``candidate``'s work ``what`` (a rung's step, or ``"export"``) for this
         process: True when it is ours now; False while a live worker holds it. A holder is
         dead when its process is gone (same host) or its lease has not been refreshed for
-        ``GRACE_S`` seconds (``holding`` refreshes it). The claim is written, then read back:
-        of two workers taking a free claim at once, the one whose write landed first reads
-        the other's and gives way, unless it read back before the other wrote (a window of
-        one storage round trip); then both do the same seeded, deterministic work, and the
-        second report of the value is ignored (``Trial.report``)."""
+        ``GRACE_S`` seconds (``holding`` refreshes it). The claim is written, then read back
+        ``SETTLE_S`` later: of two workers that both read the claim free, the last write
+        wins, and the earlier writer reads the later one's claim and gives way, unless more
+        than ``SETTLE_S`` passed between the later writer's read and its write. Then both do
+        the same seeded, deterministic work, and the second report of the value is ignored
+        (``report``), also when the first worker has finished the trial meanwhile. On a
+        finished trial nothing can be claimed."""
         key, me = f"claim_{what}", _worker()
         held = self.trial(candidate).user_attrs.get(key)
         if held and held["worker"] != me["worker"]:
@@ -350,7 +369,9 @@ class SelectionStudy:
             alive = pid_alive(held["pid"]) if here else time.time() - held["time"] < GRACE_S
             if alive:
                 return False
-        self.set_attr(candidate, key, me)
+        if not self.set_attr(candidate, key, me):
+            return False
+        time.sleep(SETTLE_S)
         held = self.trial(candidate).user_attrs.get(key)
         return bool(held) and held["worker"] == me["worker"]
 

@@ -185,6 +185,66 @@ def test_two_workers_deciding_a_rung_at_the_same_moment_both_go_on(tmp_path) -> 
                                                     TrialState.RUNNING, TrialState.PRUNED]
 
 
+def test_a_second_worker_that_did_the_same_work_reports_after_the_trial_finished(tmp_path):
+    """Two workers that took the same claim in one storage round trip both fine-tune the
+    candidate; the first reports, exports and finishes the trial before the second reports.
+    The second's report, its claim's release and any later claim leave the finished trial as
+    it is, and nothing raises (Optuna refuses every update of a finished trial)."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    pool = [_trial(0, 0.1, 0.2, "sparse")]
+    lad = ladder(1, 2, 4)  # one candidate: rung 0, then its full fine-tune
+    first = SelectionStudy(storage, "s", pool, lad, {"val": 100})
+    second = SelectionStudy(storage, "s", pool, lad, {"val": 100})
+    first.report(0, 0, 50.0)
+    assert second.claim(0, 4)
+    with second.holding(0, 4):
+        first.report(0, 4, 60.0)
+        first.finish(0, 60.0)
+        second.report(0, 4, 60.0)  # the same seeded work, told after the trial is complete
+        second.report(0, 0, 50.0)
+    assert not second.claim(0, "export")
+    (t,) = second.study.trials
+    assert t.state == TrialState.COMPLETE and t.intermediate_values == {0: 50.0, 4: 60.0}
+    assert t.user_attrs["claim_4"] is not None  # set before it finished: final, never raised
+
+
+def test_of_two_workers_that_read_a_claim_free_only_the_last_writer_takes_it(
+        tmp_path, monkeypatch) -> None:
+    """B reads the claim free, then A reads it free and writes first, then B writes: A reads
+    its claim back after B's write (``SETTLE_S``) and gives way, so the work is done once."""
+    import os
+    import threading
+    import time
+
+    from autohybrid.search import select
+
+    monkeypatch.setattr(select, "_worker", lambda: {
+        "worker": f"h:{threading.current_thread().name}", "host": "h", "pid": os.getpid(),
+        "time": time.time()})
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    pool = [_trial(0, 0.1, 0.2, "sparse")]
+    lad = ladder(1, 2, 4)
+    a = SelectionStudy(storage, "s", pool, lad, {"val": 100})
+    b = SelectionStudy(storage, "s", pool, lad, {"val": 100})
+    write = SelectionStudy.set_attr
+
+    def slow_write(self, candidate, key, value):  # B: 0.2 s between its read and its write
+        time.sleep(0.2)
+        return write(self, candidate, key, value)
+
+    b.set_attr = slow_write.__get__(b)
+    won = {}
+    tb = threading.Thread(target=lambda: won.update(b=b.claim(0, 4)), name="B")
+    ta = threading.Thread(target=lambda: won.update(a=a.claim(0, 4)), name="A")
+    tb.start()
+    time.sleep(0.05)  # B has read the claim free; A reads it free too and writes first
+    ta.start()
+    ta.join()
+    tb.join()
+    assert won == {"a": False, "b": True}
+    assert a.trial(0).user_attrs["claim_4"]["worker"] == "h:B"
+
+
 # -- the pool -------------------------------------------------------------------------------
 def _trial(number: int, quality: float, cost: float, method: str, warm: str = "",
            budget: float = 0.2, same_as: int | None = None) -> optuna.trial.FrozenTrial:
