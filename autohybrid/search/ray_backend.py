@@ -24,6 +24,9 @@ How the pieces fit:
   ``--resume`` a fresh experiment replaces the old one, and trials the dead driver had
   running are failed and enqueued again, as on the Optuna path.
 - A killed trial process is retried by Ray (``max_failures=2``).
+- The selection stage after the search (``select_on_ray``) runs on Ray tasks too: each is a
+  worker of the stage's claim protocol on the stage study, the rungs decided by the same
+  synchronous pruner as on the Optuna path (the same survivors, winner and weights).
 """
 
 from __future__ import annotations
@@ -279,3 +282,92 @@ def _trainable(config: dict, shared: dict) -> None:
         tune.report({quality: float("nan"), cost: config[FRACTION], "fail_reason": str(e)})
         return
     tune.report({quality: scores[quality], cost: config[FRACTION], "scores": scores})
+
+
+# -- the selection stage on Ray -------------------------------------------------------------
+def select_on_ray(sel) -> int:
+    """The selection stage (``search.select``) done by Ray tasks; returns the winner.
+
+    Each task is one more worker of the stage's own protocol, exactly as another
+    ``autohybrid search`` process on the same study would be: it claims a candidate's work at
+    a rung in the stage study, fine-tunes it (continuing from its checkpoint under ``--out``),
+    reports its validation top-1, waits at the rung for the others, and the rung is decided
+    once by the study's pruner, ``RungPruner``: synchronous successive halving, so the
+    survivors are the top 1/eta of the whole rung whatever order the tasks finish in.
+    ``min(--concurrency, candidates)`` tasks of one CPU each (and one GPU each where
+    ``--device`` asks for one, or ``auto`` finds GPUs in the Ray cluster). The tasks need the
+    storage and ``--out`` where they run: any storage on one machine, PostgreSQL and a shared
+    folder across machines.
+
+    Not Ray Tune's ``ASHAScheduler``: it promotes a trial against the values reported at its
+    rung *so far*, so which candidates survive, and the winner, depend on the order the
+    fine-tunes finish in, and a killed stage rerun need not end as the uninterrupted one.
+
+    A task killed mid-rung is retried by Ray; its claims are taken over (the dead process's
+    pid) and its candidate's fine-tune continues from the last checkpoint. The driver shows
+    each report as it lands in the study."""
+    cfg = sel.cfg
+    pool = [sel.by_number[c] for c in sel.stage.study.user_attrs["pool"]]
+    started = _init_ray(cfg)
+    try:
+        setup = dataclasses.replace(sel.setup, dense_inputs=None)  # each task keeps its own
+        task = _stage_worker.options(num_cpus=1, num_gpus=_stage_gpus(cfg), max_retries=2)
+        shared = ray.put(setup)
+        n = min(max(1, cfg.concurrency), len(pool))
+        console.print(f"  {n} Ray task(s) share the stage")
+        pending = [task.remote(shared, pool, sel.ladder) for _ in range(n)]
+        shown: set = set()
+        while pending:
+            done, pending = ray.wait(pending, timeout=1.0)
+            _show_stage(sel.stage, shown)
+            try:
+                ray.get(done)
+            except ray.exceptions.RayTaskError as e:
+                raise e.as_instanceof_cause() from None
+        _show_stage(sel.stage, shown)
+    finally:
+        if started:
+            ray.shutdown()
+    (winner,) = sel.stage.live()
+    return winner
+
+
+def _stage_gpus(cfg: SearchConfig) -> float:
+    """GPUs per stage task: one where ``--device`` names CUDA, or ``auto`` and the Ray
+    cluster has a GPU; none otherwise."""
+    if cfg.device == "auto":
+        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    if cfg.device.startswith("cuda"):
+        if ray.cluster_resources().get("GPU", 0) < 1:
+            raise ConfigError(f"--device {cfg.device}: the Ray cluster has no GPU; use "
+                              "--device cpu (or auto)")
+        return 1.0
+    return 0.0
+
+
+def _show_stage(stage, shown: set) -> None:
+    """Print the stage study's reports and prunings not shown yet."""
+    from optuna.trial import TrialState
+
+    for c, t in sorted(stage.trials().items()):
+        for step, value in sorted(t.intermediate_values.items()):
+            if (c, step) not in shown:
+                shown.add((c, step))
+                who = t.user_attrs.get(f"worker_{step}", "?")
+                console.print(f"  trial {c}: validation top-1 {value:.2f} % after {step} "
+                              f"step(s) ({who})")
+        if t.state == TrialState.PRUNED and (c, "pruned") not in shown:
+            shown.add((c, "pruned"))
+            console.print(f"  trial {c}: pruned at {t.last_step} step(s)")
+
+
+@ray.remote
+def _stage_worker(setup, pool: list, lad) -> int:
+    """One worker of the selection stage on a Ray process (``select_on_ray``)."""
+    from autohybrid.search.select import Selection
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sel = Selection(setup, None, pool, lad)
+    winner = sel.run()
+    sel.export_winner(winner)
+    return winner

@@ -327,7 +327,12 @@ def run_selection(setup, study: optuna.Study) -> tuple[list[dict], Ladder]:
                  f"steps (eta {lad.eta}, {lad.cost} steps in all), validation "
                  f"{len(setup.splits.validation)} images")
     sel = Selection(setup, study, pool, lad)
-    winner = sel.run()
+    if cfg.backend == "ray":  # the stage's work on Ray tasks, the same protocol
+        from autohybrid.search.ray_backend import select_on_ray
+
+        winner = select_on_ray(sel)
+    else:
+        winner = sel.run()
     sel.export_winner(winner)
     return sel.rows(), lad
 
