@@ -284,6 +284,12 @@ def test_mixed_spaces_get_threshold_starts_per_method_family(parts):
                                           "error_threshold"]
     for name in extra:
         assert {s.method for s in starts[name].values()} <= family[name.split("_")[-1]], name
+    # the mixed space holds the uniform start of the space cut to each family
+    for label in ("sparse", "lowrank"):
+        start = starts[f"uniform_{label}"]
+        assert {s.method for s in start.values()} == family[label]
+        assert len(start) == sum(len(g.layers) for g in ps.groups)
+        assert ps.fraction(start) <= 0.6 + 1e-9
     values = list(starts.values())
     assert all(values.count(v) == 1 for v in values)  # identical allocations kept once
 
