@@ -103,6 +103,18 @@ def test_resume_reaches_the_total_without_losing_trials(parts, tmp_path):
     assert starts.count("uniform") == 1  # warm starts are enqueued once
 
 
+def test_a_mixed_space_enqueues_every_familys_uniform_start_at_24_trials(parts, tmp_path):
+    """At the benchmarks' 24 trials (7 of them local moves) the warm starts get 11 trials:
+    the classic four, the per-family thresholds and both family uniform starts (at a third
+    of the trials, before, the family uniform starts were cut off)."""
+    model, inv, x, y, table = parts
+    ss = make_study(parts, tmp_path, trials=24)
+    warm = warm_starts(ss.ps, table.df, model, 0.6)
+    enqueued = [t.user_attrs.get("warm_start") for t in ss.study.get_trials()]
+    assert len(warm) > 8 and enqueued == list(warm)[:11]
+    assert {"uniform_sparse", "uniform_lowrank"} <= set(enqueued)
+
+
 def test_study_with_other_settings_is_refused(parts, tmp_path):
     make_study(parts, tmp_path, trials=4).run()
     with pytest.raises(ah.AutohybridError, match="was started with budget=0.6"):
