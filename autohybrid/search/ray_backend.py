@@ -306,8 +306,7 @@ def select_on_ray(sel) -> int:
     A task killed mid-rung is retried by Ray; its claims are taken over (the dead process's
     pid) and its candidate's fine-tune continues from the last checkpoint. The driver shows
     each report as it lands in the study."""
-    cfg = sel.cfg
-    pool = [sel.by_number[c] for c in sel.stage.study.user_attrs["pool"]]
+    cfg, pool = sel.cfg, sel.pool
     started = _init_ray(cfg)
     try:
         setup = dataclasses.replace(sel.setup, dense_inputs=None)  # each task keeps its own
@@ -328,8 +327,7 @@ def select_on_ray(sel) -> int:
     finally:
         if started:
             ray.shutdown()
-    (winner,) = sel.stage.live()
-    return winner
+    return sel.winner()
 
 
 def _stage_gpus(cfg: SearchConfig) -> float:
@@ -367,7 +365,7 @@ def _stage_worker(setup, pool: list, lad) -> int:
     from autohybrid.search.select import Selection
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sel = Selection(setup, None, pool, lad)
+    sel = Selection(setup, pool, lad)
     winner = sel.run()
     sel.export_winner(winner)
     return winner

@@ -326,7 +326,7 @@ def run_selection(setup, study: optuna.Study) -> tuple[list[dict], Ladder]:
     console.rule(f"select: {len(pool)} candidates, rungs at {list(lad.steps)} fine-tune "
                  f"steps (eta {lad.eta}, {lad.cost} steps in all), validation "
                  f"{len(setup.splits.validation)} images")
-    sel = Selection(setup, study, pool, lad)
+    sel = Selection(setup, pool, lad)
     if cfg.backend == "ray":  # the stage's work on Ray tasks, the same protocol
         from autohybrid.search.ray_backend import select_on_ray
 

@@ -491,8 +491,8 @@ def test_top1(setup, small: torch.nn.Module, device=None) -> float:
 class Selection:
     """Successive halving over the pool of ``setup``'s study (``run_selection``)."""
 
-    def __init__(self, setup, study: optuna.Study | None, pool: list[FrozenTrial], lad: Ladder):
-        self.setup, self.cfg, self.ladder = setup, setup.cfg, lad
+    def __init__(self, setup, pool: list[FrozenTrial], lad: Ladder):
+        self.setup, self.cfg, self.ladder, self.pool = setup, setup.cfg, lad, pool
         self.out = Path(self.cfg.out)
         self.by_number = {t.number: t for t in pool}
         self.device = resolve_device(self.cfg.device)
@@ -576,7 +576,11 @@ class Selection:
                 kept = [c for c in entering if c not in pruned]
                 if pruned:
                     console.print(f"  kept trial(s) {_list(kept)}; pruned {_list(pruned)}")
-        (winner,) = stage.live()
+        return self.winner()
+
+    def winner(self) -> int:
+        """The one candidate left once every rung is decided."""
+        (winner,) = self.stage.live()
         return winner
 
     def rung(self, entering: list[int], step: int, first: bool) -> None:
