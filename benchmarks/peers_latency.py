@@ -98,10 +98,11 @@ def top1(model: nn.Module, test) -> float:
     return evaluate(fast(model), test, progress=False)["top1"]
 
 
-def latency(model: nn.Module, dense: nn.Module, repeats: int = REPEATS, size=SIZE) -> float:
+def latency(model: nn.Module, dense: nn.Module, repeats: int = REPEATS, size=SIZE,
+            batch: int = 1) -> float:
     """The median of ``repeats`` interleaved measurements (load on a shared machine moves
     one measurement by several points)."""
-    return measure_model(model, dense, size, 1, "torch", 1, repeats=repeats)["ratio"]
+    return measure_model(model, dense, size, batch, "torch", 1, repeats=repeats)["ratio"]
 
 
 class CachedTeacher(nn.Module):
@@ -127,20 +128,45 @@ class CachedTeacher(nn.Module):
 # -- Torch-Pruning ------------------------------------------------------------------------
 
 
-def tp_prune(dense: nn.Module, ratio: float) -> nn.Module:
+def tp_prune(dense: nn.Module, ratio: float, size=SIZE) -> nn.Module:
+    """``dense`` channel-pruned by Torch-Pruning at ``ratio`` (one ratio for every group).
+
+    - The CIFAR ResNets: the channels inside each basic block (``conv1``'s outputs, ``conv2``'s
+      inputs); the residual stream keeps its widths (see the module docstring).
+    - timm ViT: inside each block, the MLP's hidden width and the attention's head dims (the
+      heads kept, ``prune_head_dims``); the residual stream (patch embedding, ``attn.proj``
+      and ``mlp.fc2`` outputs, the head's input) keeps its width, as in the ResNets.
+    - timm MobileNetV3 / EfficientNet: DepGraph over the whole net, residual streams and
+      squeeze-excite included; only the classifier's outputs are kept.
+    """
     import torch_pruning as tp
+    from timm.models.vision_transformer import Attention
 
     model = copy.deepcopy(dense).eval()
-    ignored = [model.conv1, model.linear] + [m for n, m in model.named_modules()
-                                             if n.endswith(".conv2")]
+    attn = [m for m in model.modules() if isinstance(m, Attention)]
+    kw = {}
+    if hasattr(model, "linear") and hasattr(model, "layer1"):  # the CIFAR ResNets
+        ignored = [model.conv1, model.linear] + [m for n, m in model.named_modules()
+                                                 if n.endswith(".conv2")]
+    elif attn:
+        ignored = [model.patch_embed.proj, model.get_classifier()] + [
+            m for b in model.blocks for m in (b.attn.proj, b.mlp.fc2)]
+        kw = dict(num_heads={m.qkv: m.num_heads for m in attn}, prune_head_dims=True,
+                  prune_num_heads=False)
+    else:
+        ignored = [model.get_classifier()]
     pruner = tp.pruner.MetaPruner(
-        model, torch.randn(1, *SIZE), importance=tp.importance.MagnitudeImportance(p=2),
-        pruning_ratio=ratio, ignored_layers=ignored, global_pruning=False)
+        model, torch.randn(1, *size), importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio, ignored_layers=ignored, global_pruning=False, **kw)
     pruner.step()
+    for m in attn:  # the attention's shapes follow its pruned qkv
+        m.head_dim = m.qkv.out_features // (3 * m.num_heads)
+        m.attn_dim = m.num_heads * m.head_dim
     return model.eval()
 
 
-def tp_at(dense: nn.Module, budget: float, steps: int = 6) -> dict | None:
+def tp_at(dense: nn.Module, budget: float, steps: int = 6, size=SIZE,
+          batch: int = 1) -> dict | None:
     """The least pruned candidate of the bisection whose measured ratio is <= budget."""
     lo, hi = 0.0, 0.95
     tried = []
@@ -148,8 +174,8 @@ def tp_at(dense: nn.Module, budget: float, steps: int = 6) -> dict | None:
 
     def probe(r):
         nonlocal best
-        m = tp_prune(dense, r)
-        lat = latency(m, dense)
+        m = tp_prune(dense, r, size)
+        lat = latency(m, dense, size=size, batch=batch)
         tried.append((round(r, 4), round(lat, 3)))
         log(f"  torch-pruning ratio {r:.4f}: measured latency {lat:.3f}")
         if lat <= budget and (best is None or r < best["ratio"]):
@@ -171,7 +197,8 @@ def tp_at(dense: nn.Module, budget: float, steps: int = 6) -> dict | None:
 # -- autohybrid ---------------------------------------------------------------------------
 
 
-def ah_at(model, inv, space, table, budget, x_calib, tries: int = 4, size=SIZE) -> dict:
+def ah_at(model, inv, space, table, budget, x_calib, tries: int = 4, size=SIZE,
+          batch: int = 1) -> dict:
     pb, tried = budget, []
     for _ in range(tries):
         try:
@@ -179,7 +206,7 @@ def ah_at(model, inv, space, table, budget, x_calib, tries: int = 4, size=SIZE) 
         except BudgetError as e:
             return {"unreachable": str(e).splitlines()[0], "tried": tried}
         probe = random_model(model, inv, layers, best_forms(table, inv, layers))
-        lat = latency(probe, model, size=size)
+        lat = latency(probe, model, size=size, batch=batch)
         tried.append((round(pb, 4), round(level, 4), round(lat, 3)))
         log(f"  autohybrid predicted budget {pb:.3f}: level {level:.3f}, "
             f"measured (random values) {lat:.3f}")
@@ -192,7 +219,7 @@ def ah_at(model, inv, space, table, budget, x_calib, tries: int = 4, size=SIZE) 
     small = ah.apply(model, alloc, inv, progress=False, calibration=x_calib)
     fit_s = time.time() - t
     dep = deploy(copy.deepcopy(small), alloc.layers, best_forms(table, inv, alloc.layers), inv)
-    lat = latency(dep, model, size=size)
+    lat = latency(dep, model, size=size, batch=batch)
     log(f"  autohybrid data fit {fit_s:.0f} s; deployed, measured {lat:.3f}")
     return {"model": small, "latency": lat, "level": level, "predicted_budget": pb,
             "predicted": table.fraction(inv, alloc.layers), "tried": tried, "fit_s": fit_s}
