@@ -237,6 +237,9 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", default=["searched", "lowrank", "uniform", "tp"],
                    choices=["searched", "lowrank", "uniform", "tp"],
                    help="tp: Torch-Pruning, needs torch-pruning installed beside autohybrid")
+    p.add_argument("--steps", type=int, default=None,
+                   help="fine-tune steps of the uniform and tp rows (default: as many as the "
+                        "searched row's own fine-tune, else 400)")
     p.add_argument("--search-arg", action="append", default=[],
                    help="extra argument for autohybrid search (repeatable)")
     args = p.parse_args()
@@ -245,7 +248,7 @@ def main() -> None:
     b, rows = args.batch, []
     for name in args.models:
         for budget in args.budgets:
-            steps = None
+            steps = args.steps
             for which in args.rows:
                 row = {"model": name, "budget": budget, "batch": b, "row": which}
                 if which in ("searched", "lowrank"):
@@ -273,7 +276,7 @@ def main() -> None:
                         prior = [r for r in merged(rows) if r.get("steps") and (
                             r["model"], r["budget"], r.get("batch", 1), r["row"]) ==
                             (name, budget, b, "searched")]
-                        steps = int(prior[0]["steps"]) if prior else 200
+                        steps = int(prior[0]["steps"]) if prior else 400
                     got = (uniform if which == "uniform" else pruned)(name, budget, steps, 0,
                                                                         b)
                     if "unreachable" in got:
