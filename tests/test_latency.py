@@ -86,6 +86,46 @@ def test_alpha_makes_the_fastest_model_predict_what_it_measured(tmp_path, fake_t
     assert table.fraction(INV, fastest) == pytest.approx(0.9)  # the probe's fake ratio
 
 
+def test_alpha_probes_every_faster_layer_at_one_common_ratio(tmp_path, fake_timer):
+    """alpha is measured on a probe spread like a searched allocation (every layer that can
+    be faster, at about the same ratio), not on the few layers that save most, each at its
+    fastest: that probe gave ViT-tiny at batch 64 alphas of 0.83 and 1.30."""
+    table = measure(tmp_path)
+    table.rows, table.kept, table.families, table._curves = {}, {}, {}, {}
+    specs = {r: ah.LayerSpec("svd", rank=(r,)) for r in (1, 2, 3)}
+    for name in ("tok", "head"):
+        layer = INV.by_name[name]
+        table.rows[name], table.kept[name], table.families[name] = {}, {}, {}
+        for rank, ratio in ((1, 0.2), (2, 0.5), (3, 0.8)):
+            k = lat.spec_key(specs[rank])
+            table.rows[name][k] = {"chain": ratio, "dense": 1.0}
+            table.kept[name][k] = lat.kept_fraction(layer, specs[rank])
+            table.families[name][k] = lat._family(layer, specs[rank])
+        table.in_model_s[name] = 0.004
+    table.model_s, table.alpha = 0.010, 1.0
+    # both at rank 2 save 2 * 0.004 * 0.5: 0.6 of the dense time; at rank 3, 0.84
+    assert lat.probe_layers(table, INV, 0.6) == {"tok": specs[2], "head": specs[2]}
+    assert lat.probe_layers(table, INV, 0.7) == {"tok": specs[2], "head": specs[2]}
+    assert lat.probe_layers(table, INV, 0.9) == {"tok": specs[3], "head": specs[3]}
+    assert lat.probe_layers(table, INV, 0.0) == {"tok": specs[1], "head": specs[1]}
+    assert lat.probe_layers(table, INV, 0.1) == {"tok": specs[1], "head": specs[1]}
+
+
+def test_a_table_probed_the_old_way_is_probed_again(tmp_path, fake_timer):
+    table = measure(tmp_path, probe=0.7)
+    assert table.alpha_probe == lat.PROBE
+    path = lat.LatencyTable.path_for(tmp_path, table.key)
+    stored = json.loads(path.read_text())
+    assert measure(tmp_path, probe=0.7).to_dict() == stored  # probed: kept as it is
+    first = len(fake_timer)
+    stored["alpha_probe"], stored["alpha"] = 0, 3.0  # a table from before PROBE 2
+    path.write_text(json.dumps(stored))
+    again = measure(tmp_path, probe=0.7)
+    assert ["dense", "probe"] in fake_timer[first:]  # alpha timed anew, nothing else
+    assert again.alpha_probe == lat.PROBE and again.alpha == table.alpha
+    assert again.rows == table.rows
+
+
 def test_an_unknown_runtime_is_refused():
     with pytest.raises(ConfigError, match="unknown runtime 'tflite'"):
         lat.table_key("tflite", 1, TINY_INPUT, 1, INV.fingerprint)
