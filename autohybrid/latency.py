@@ -8,7 +8,7 @@ on one runtime (``torch`` eager on CPU, or ONNX Runtime's CPU provider) at a thr
 spec costs its fastest form. The model's predicted time is the dense model's measured time
 less what each compressed layer saves::
 
-    T(alloc) = T_dense - alpha * sum_l t_l * (1 - ratio_l(spec_l))
+    T(alloc) = T_dense - sum_l alpha_m(l) * t_l * (1 - ratio_l(spec_l))
 
 with ``t_l`` the layer's time inside the dense model (forward hooks around it in whole-model
 runs; on torch), not alone: alone, a ResNet-56's layers at batch 64 sum to 1.45x the whole
@@ -16,11 +16,13 @@ model, and the layers that gain most from that are not the ones the ratios favou
 
 ``alpha`` calibrates layers timed alone against layers timed in the model (caches, the
 allocator, the framework's per-op cost between them: at batch 64 a ResNet-56's layers timed
-alone sum to 1.45x the whole model): a probe model is timed whole (the median of three
-interleaved timings), every layer that has a faster spec compressed to about one common
-ratio, chosen so that the prediction reaches the probe's target (the search's budget; by
-default every layer at its fastest), and ``alpha`` makes the prediction match it (1 when the
-probe saves under 2 % of the dense time; kept within [0.2, 5]). The table records the target
+alone sum to 1.45x the whole model), one per method (a sparse kernel and a low-rank chain
+gain or lose differently inside the model): for each method a probe model is timed whole
+(the median of three interleaved timings), every layer that has a faster spec of the method
+compressed to about one common ratio, chosen so that the prediction reaches the probe's
+target (the search's budget; by default every layer at its fastest), and the method's
+``alpha`` makes the prediction match it (kept within [0.2, 5]; a method whose probe saves
+under 2 % of the dense time takes the largest-saving method's). The table records the target
 and the probe's kind, and a search with a budget 0.1 or more away re-probes.
 
 The table's specs are the search's keep levels (``search.params.LEVELS``, and the shares
@@ -72,7 +74,8 @@ __all__ = ["RUNTIMES", "LatencyTable", "machine_id", "table_key", "measure_table
 VERSION = 1
 ROUNDS = 9  # interleaved rounds per spec
 REPEATS = 3  # whole-model measurements whose median is reported (one varies by a few %)
-PROBE = 2  # alpha's probe: every faster layer at one common ratio (1: a few at their fastest)
+PROBE = 3  # alpha's probes: one per method, every faster layer at one common ratio (1: one
+# probe of a few layers at their fastest; 2: one probe of every method)
 MIN_CALL_S = 2e-3  # each timed call repeats the forward until the dense one takes this long
 DRIFT = 0.5  # a stored table whose dense model now times this much off is measured anew
 
@@ -154,6 +157,7 @@ class LatencyTable:
     alpha_at: float | None = None  # the predicted fraction of the probe alpha came from
     in_model_s: dict[str, float] = field(default_factory=dict)  # t_l inside the model
     alpha_probe: int = 0  # how alpha's probe was built (PROBE; older tables re-probe)
+    alphas: dict[str, float] = field(default_factory=dict)  # per method, where probed
     margin: float = 0.0  # share of a budget kept in reserve (a search setting, not stored)
     _curves: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -212,10 +216,11 @@ class LatencyTable:
     def predict(self, inv: Inventory, layers: Mapping[str, LayerSpec]) -> float:
         """Predicted seconds of the model with ``layers`` compressed."""
         by_name = inv.by_name
-        saved = sum(self.t(n) * (1.0 - self.ratio(by_name[n], s))
-                    for n, s in layers.items() if s.method != "dense")
         alpha = 1.0 if self.alpha is None else self.alpha
-        return max(self.model_s - alpha * saved, 0.05 * self.model_s)
+        saved = sum(self.alphas.get(s.method, alpha) * self.t(n) *
+                    (1.0 - self.ratio(by_name[n], s))
+                    for n, s in layers.items() if s.method != "dense")
+        return max(self.model_s - saved, 0.05 * self.model_s)
 
     def fastest(self, inv: Inventory) -> dict[str, LayerSpec]:
         """Every layer at its fastest measured spec, where one beats the dense layer."""
@@ -247,14 +252,15 @@ class LatencyTable:
         return {"key": self.key, "model_s": self.model_s, "dense_s": self.dense_s,
                 "rows": self.rows, "families": self.families, "kept": self.kept,
                 "seconds": self.seconds, "alpha": self.alpha, "alpha_at": self.alpha_at,
-                "in_model_s": self.in_model_s, "alpha_probe": self.alpha_probe}
+                "in_model_s": self.in_model_s, "alpha_probe": self.alpha_probe,
+                "alphas": self.alphas}
 
     @classmethod
     def from_dict(cls, d: dict) -> LatencyTable:
         return cls(d["key"], d.get("model_s", 0.0), d.get("dense_s", {}), d.get("rows", {}),
                    d.get("families", {}), d.get("kept", {}), d.get("seconds", 0.0),
                    d.get("alpha"), d.get("alpha_at"), d.get("in_model_s") or {},
-                   alpha_probe=d.get("alpha_probe", 0))
+                   alpha_probe=d.get("alpha_probe", 0), alphas=d.get("alphas") or {})
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
@@ -483,7 +489,7 @@ def measure_table(model: nn.Module, inv: Inventory, space, *, runtime: str = "to
             table.in_model_s = in_model_seconds(model, list(candidates), x)
             table.alpha = None
         if todo or not probed() or table.alpha is None:
-            table.alpha = calibrate(table, model, inv, run, probe)
+            table.alpha, table.alphas = calibrate(table, model, inv, run, probe)
             table.alpha_at, table.alpha_probe = probe, PROBE
             table.seconds += time.time() - t0
     table.save(path)
@@ -530,12 +536,13 @@ def in_model_seconds(model: nn.Module, names: list[str], x: torch.Tensor,
     return {n: statistics.median(v) for n, v in times.items() if v}
 
 
-def probe_layers(table: LatencyTable, inv: Inventory, target: float
-                 ) -> dict[str, LayerSpec]:
-    """The probe ``alpha`` is measured on: every layer with a spec faster than its dense
-    layer, each at the measured spec whose ratio is the nearest at or above one common ratio
-    ``r`` (its slowest faster spec where none is that slow), ``r`` the largest whose
-    (uncalibrated) prediction reaches ``target`` (0: every layer at its fastest).
+def probe_layers(table: LatencyTable, inv: Inventory, target: float,
+                 method: str | None = None) -> dict[str, LayerSpec]:
+    """A probe ``alpha`` is measured on: every layer with a spec (of ``method``, else of any)
+    faster than its dense layer, each at the measured spec whose ratio is the nearest at or
+    above one common ratio ``r`` (its slowest faster spec where none is that slow), ``r`` the
+    largest whose (uncalibrated) prediction reaches ``target`` (0: every layer at its
+    fastest).
 
     Spread over every layer, as the allocations a search returns are. A probe of the few
     layers that save most, each at its fastest spec, gave ViT-tiny at batch 64 an alpha of
@@ -545,7 +552,8 @@ def probe_layers(table: LatencyTable, inv: Inventory, target: float
     for name, rows in table.rows.items():
         layer = inv.by_name[name]
         specs = [LayerSpec.from_dict(json.loads(k)) for k in rows]
-        rs = sorted(((table.ratio(layer, sp), sp) for sp in specs), key=lambda t: t[0])
+        rs = sorted(((table.ratio(layer, sp), sp) for sp in specs
+                     if method is None or sp.method == method), key=lambda t: t[0])
         if rs and rs[0][0] < 1.0:
             faster[name] = [t for t in rs if t[0] < 1.0]
 
@@ -565,22 +573,33 @@ def probe_layers(table: LatencyTable, inv: Inventory, target: float
 
 
 def calibrate(table: LatencyTable, model: nn.Module, inv: Inventory, run: _Runner,
-              target: float = 0.0) -> float:
-    """``alpha``: the probe model's measured saving over the table's sum (see the module
-    docstring); the probe's ratio is the median of ``REPEATS`` interleaved timings."""
-    table.alpha = 1.0
-    layers = probe_layers(table, inv, target)
-    saved = table.model_s - table.predict(inv, layers)
-    if saved < 0.02 * table.model_s:
-        return 1.0
-    probe = random_model(model, inv, layers, best_forms(table, inv, layers))
+              target: float = 0.0) -> tuple[float, dict[str, float]]:
+    """``alpha`` per method: a probe of the method's specs (``probe_layers``), its measured
+    saving over what the table's sum promised (the median of ``REPEATS`` interleaved
+    timings). Methods differ: on ViT-tiny at batch 64 a probe of CSR / BSR layers at 93-97 %
+    zeros, each 0.5x its dense layer alone, ran at 0.92x the dense model, while chains of
+    the same promised saving ran at 0.6x. Returns the default for a method with no probe of
+    its own (the largest-saving method's alpha; 1 when nothing saves 2 % of the dense time)
+    and the per-method ones."""
+    table.alpha, table.alphas = 1.0, {}
     x = torch.randn(table.key["batch"], *inv.input_size,
                     generator=torch.Generator().manual_seed(0))
-    fns = {"dense": run(model.eval(), x), "probe": run(probe, x)}
-    ratio = statistics.median(time_interleaved(fns, "dense", rounds=ROUNDS)[0]["probe"]
-                              for _ in range(REPEATS))
-    measured_saved = table.model_s * (1.0 - ratio)
-    return float(min(5.0, max(0.2, measured_saved / saved)))
+    dense = run(model.eval(), x)
+    methods = sorted({json.loads(k)["method"] for rows in table.rows.values() for k in rows})
+    alphas, promised = {}, {}
+    for method in methods:
+        layers = probe_layers(table, inv, target, method)
+        saved = table.model_s - table.predict(inv, layers)
+        if saved < 0.02 * table.model_s:
+            continue
+        probe = random_model(model, inv, layers, best_forms(table, inv, layers))
+        fns = {"dense": dense, "probe": run(probe, x)}
+        ratio = statistics.median(time_interleaved(fns, "dense", rounds=ROUNDS)[0]["probe"]
+                                  for _ in range(REPEATS))
+        alphas[method] = float(min(5.0, max(0.2, table.model_s * (1.0 - ratio) / saved)))
+        promised[method] = saved
+    default = alphas[max(promised, key=promised.get)] if alphas else 1.0
+    return default, alphas
 
 
 def measure_model(model: nn.Module, dense: nn.Module, input_size, batch: int,

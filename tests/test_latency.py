@@ -74,16 +74,46 @@ def test_cache_key_names_machine_runtime_threads_input_size_batch(tmp_path, fake
     assert stored["key"]["threads"] == 1
 
 
-def test_alpha_makes_the_fastest_model_predict_what_it_measured(tmp_path, fake_timer):
+def test_alpha_makes_each_methods_fastest_model_predict_what_it_measured(tmp_path,
+                                                                         fake_timer):
     table = measure(tmp_path)
-    fastest = table.fastest(INV)
-    alpha, table.alpha = table.alpha, 1.0
-    promised = table.model_s - table.predict(INV, fastest)  # the layers' sum, alone
-    assert fastest and promised > 0
-    assert alpha == pytest.approx(min(5.0, max(0.2, 0.1 * table.model_s / promised)))
-    table.alpha = alpha
-    assert 0.2 < alpha < 5.0
-    assert table.fraction(INV, fastest) == pytest.approx(0.9)  # the probe's fake ratio
+    alphas = dict(table.alphas)
+    # the fake chain (0.6) and CSR (0.5) forms are faster than the dense layer, the
+    # two-branch L+S forms (1.4, 1.8) are not: no probe of L+S
+    assert set(alphas) == {"svd", "sparse"}
+    default, promised = table.alpha, {}
+    for method, alpha in alphas.items():
+        probe = lat.probe_layers(table, INV, 0.0, method)
+        assert probe and {s.method for s in probe.values()} == {method}
+        table.alpha, table.alphas = 1.0, {}
+        promised[method] = table.model_s - table.predict(INV, probe)  # the layers' sum
+        assert alpha == pytest.approx(min(5.0, max(0.2, 0.1 * table.model_s /
+                                                   promised[method])))
+        table.alpha, table.alphas = default, alphas
+        assert table.fraction(INV, probe) == pytest.approx(0.9)  # the probe's fake ratio
+    assert default == alphas[max(promised, key=promised.get)]  # the largest saving's
+
+
+def test_each_method_saves_by_its_own_alpha(tmp_path, fake_timer):
+    """A sparse kernel and a low-rank chain gain differently inside the model: each
+    method's savings are scaled by the alpha its own probe measured."""
+    table = measure(tmp_path)
+    tok = INV.by_name["tok"]
+    chain, csr = ah.LayerSpec("svd", rank=(4,)), ah.LayerSpec("sparse", sparsity=0.8)
+    for spec, r in ((chain, 0.25), (csr, 0.5)):
+        k = lat.spec_key(spec)
+        table.rows["tok"][k] = {"chain" if spec is chain else "csr": r, "dense": 1.0}
+        table.kept["tok"][k] = lat.kept_fraction(tok, spec)
+        table.families["tok"][k] = lat._family(tok, spec)
+    table._curves = {}
+    table.model_s, table.in_model_s["tok"], table.alpha = 0.010, 0.004, 0.7
+    table.alphas = {"svd": 1.5, "sparse": 0.5}
+    r_chain, r_csr = table.ratio(tok, chain), table.ratio(tok, csr)
+    assert table.predict(INV, {"tok": chain}) == pytest.approx(0.010 - 1.5 * 0.004 *
+                                                               (1 - r_chain))
+    assert table.predict(INV, {"tok": csr}) == pytest.approx(0.010 - 0.5 * 0.004 * (1 - r_csr))
+    table.alphas = {"svd": 1.5}  # a method with no probe of its own takes the default
+    assert table.predict(INV, {"tok": csr}) == pytest.approx(0.010 - 0.7 * 0.004 * (1 - r_csr))
 
 
 def test_alpha_probes_every_faster_layer_at_one_common_ratio(tmp_path, fake_timer):
@@ -102,7 +132,7 @@ def test_alpha_probes_every_faster_layer_at_one_common_ratio(tmp_path, fake_time
             table.kept[name][k] = lat.kept_fraction(layer, specs[rank])
             table.families[name][k] = lat._family(layer, specs[rank])
         table.in_model_s[name] = 0.004
-    table.model_s, table.alpha = 0.010, 1.0
+    table.model_s, table.alpha, table.alphas = 0.010, 1.0, {}
     # both at rank 2 save 2 * 0.004 * 0.5: 0.6 of the dense time; at rank 3, 0.84
     assert lat.probe_layers(table, INV, 0.6) == {"tok": specs[2], "head": specs[2]}
     assert lat.probe_layers(table, INV, 0.7) == {"tok": specs[2], "head": specs[2]}
@@ -118,7 +148,7 @@ def test_a_table_probed_the_old_way_is_probed_again(tmp_path, fake_timer):
     stored = json.loads(path.read_text())
     assert measure(tmp_path, probe=0.7).to_dict() == stored  # probed: kept as it is
     first = len(fake_timer)
-    stored["alpha_probe"], stored["alpha"] = 0, 3.0  # a table from before PROBE 2
+    stored["alpha_probe"], stored["alpha"] = 0, 3.0  # a table probed before PROBE
     path.write_text(json.dumps(stored))
     again = measure(tmp_path, probe=0.7)
     assert ["dense", "probe"] in fake_timer[first:]  # alpha timed anew, nothing else
@@ -139,7 +169,7 @@ def test_prediction_is_the_dense_time_less_what_each_layer_saves(tmp_path, fake_
     table.rows["tok"][lat.spec_key(spec)] = {"chain": 0.25, "dense": 1.0}
     table.kept["tok"][lat.spec_key(spec)] = lat.kept_fraction(tok, spec)
     table.families["tok"][lat.spec_key(spec)] = lat._family(tok, spec)
-    table.model_s, table.dense_s["tok"], table.alpha = 0.010, 0.004, 1.0
+    table.model_s, table.dense_s["tok"], table.alpha, table.alphas = 0.010, 0.004, 1.0, {}
     table.in_model_s["tok"] = 0.004
     assert table.ratio(tok, spec) == 0.25
     assert table.predict(INV, {"tok": spec}) == pytest.approx(0.010 - 0.004 * 0.75)

@@ -156,7 +156,8 @@ def latency_table(cfg: SearchConfig, model, inv, space):
                           probe=cfg.budget * (1.0 - cfg.latency_margin))
     table.margin = cfg.latency_margin
     console.print(f"dense model {1e3 * table.model_s:.2f} ms; table measured in "
-                  f"{table.seconds:.0f} s; in-model calibration alpha {table.alpha:.2f} "
+                  f"{table.seconds:.0f} s; in-model calibration alpha "
+                  f"{', '.join(f'{m} {a:.2f}' for m, a in table.alphas.items()) or 1.0} "
                   f"(probed at {table.alpha_at:g}); the search aims {cfg.latency_margin:.0%} "
                   "under the budget (--latency-margin)")
     return table
