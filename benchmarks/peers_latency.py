@@ -133,9 +133,10 @@ def tp_prune(dense: nn.Module, ratio: float, size=SIZE) -> nn.Module:
 
     - The CIFAR ResNets: the channels inside each basic block (``conv1``'s outputs, ``conv2``'s
       inputs); the residual stream keeps its widths (see the module docstring).
-    - timm ViT: inside each block, the MLP's hidden width and the attention's head dims (the
-      heads kept, ``prune_head_dims``); the residual stream (patch embedding, ``attn.proj``
-      and ``mlp.fc2`` outputs, the head's input) keeps its width, as in the ResNets.
+    - timm ViT: DepGraph over the whole net, as Torch-Pruning's own timm ViT example does:
+      the embedding width (the residual stream, ``cls_token`` and ``pos_embed`` with it), the
+      MLP's hidden width and the attention's head dims (the heads kept,
+      ``prune_head_dims``); only the classifier's outputs are kept.
     - timm MobileNetV3 / EfficientNet: DepGraph over the whole net, residual streams and
       squeeze-excite included; only the classifier's outputs are kept.
     """
@@ -149,8 +150,7 @@ def tp_prune(dense: nn.Module, ratio: float, size=SIZE) -> nn.Module:
         ignored = [model.conv1, model.linear] + [m for n, m in model.named_modules()
                                                  if n.endswith(".conv2")]
     elif attn:
-        ignored = [model.patch_embed.proj, model.get_classifier()] + [
-            m for b in model.blocks for m in (b.attn.proj, b.mlp.fc2)]
+        ignored = [model.get_classifier()]
         kw = dict(num_heads={m.qkv: m.num_heads for m in attn}, prune_head_dims=True,
                   prune_num_heads=False)
     else:
