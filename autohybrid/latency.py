@@ -75,7 +75,7 @@ VERSION = 1
 ROUNDS = 9  # interleaved rounds per spec
 REPEATS = 3  # whole-model measurements whose median is reported (one varies by a few %)
 PROBE = 3  # alpha's probes: one per method, every faster layer at one common ratio (1: one
-# probe of a few layers at their fastest; 2: one probe of every method)
+# probe of a few layers at their fastest; 2: one common-ratio probe over all methods)
 MIN_CALL_S = 2e-3  # each timed call repeats the forward until the dense one takes this long
 DRIFT = 0.5  # a stored table whose dense model now times this much off is measured anew
 
@@ -665,7 +665,6 @@ def speed(model: nn.Module, dense: nn.Module, input_size, batches: Iterable[int]
         out[f"latency_ms_b{b}"] = round(m["ms"], 4)
         out[f"dense_ms_b{b}"] = round(m["dense_ms"], 4)
     return out
-
 
 
 def measure_export(path: str | Path, batches: Iterable[int], runtime: str = "torch",
