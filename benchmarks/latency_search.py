@@ -178,10 +178,14 @@ def other(r: dict) -> str:
     return "" if not got else f"{got[1]:.3f} (b{got[0]})"
 
 
+def key(r: dict) -> tuple:
+    """A row's identity in the results file (rows from before ``--batch`` are batch 1)."""
+    return r["model"], r["budget"], r.get("batch", 1), r["row"]
+
+
 def merged(rows: list[dict]) -> list[dict]:
     """``rows`` over the file's current rows: two runs of the script (other models or
     batches, one per core) share the file; a row of this run replaces the file's."""
-    key = lambda r: (r["model"], r["budget"], r.get("batch", 1), r["row"])  # noqa: E731
     mine = {key(r) for r in rows}
     disk = json.loads(ROWS.read_text()) if ROWS.is_file() else []
     return [r for r in disk if key(r) not in mine] + rows
@@ -273,9 +277,8 @@ def main() -> None:
                             note=f"{got['seconds']:.0f} s, output in `{got['out']}`")
                 else:
                     if steps is None:
-                        prior = [r for r in merged(rows) if r.get("steps") and (
-                            r["model"], r["budget"], r.get("batch", 1), r["row"]) ==
-                            (name, budget, b, "searched")]
+                        prior = [r for r in merged(rows) if r.get("steps") and
+                                 key(r) == (name, budget, b, "searched")]
                         steps = int(prior[0]["steps"]) if prior else 400
                     got = (uniform if which == "uniform" else pruned)(name, budget, steps, 0,
                                                                         b)

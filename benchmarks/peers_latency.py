@@ -149,12 +149,11 @@ def tp_prune(dense: nn.Module, ratio: float, size=SIZE) -> nn.Module:
     if hasattr(model, "linear") and hasattr(model, "layer1"):  # the CIFAR ResNets
         ignored = [model.conv1, model.linear] + [m for n, m in model.named_modules()
                                                  if n.endswith(".conv2")]
-    elif attn:
+    else:  # timm: the whole net, the classifier's outputs kept
         ignored = [model.get_classifier()]
+    if attn:
         kw = dict(num_heads={m.qkv: m.num_heads for m in attn}, prune_head_dims=True,
                   prune_num_heads=False)
-    else:
-        ignored = [model.get_classifier()]
     pruner = tp.pruner.MetaPruner(
         model, torch.randn(1, *size), importance=tp.importance.MagnitudeImportance(p=2),
         pruning_ratio=ratio, ignored_layers=ignored, global_pruning=False, **kw)
